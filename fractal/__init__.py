@@ -1,0 +1,1 @@
+"""The `fractal` command: one entry point over the model, service and loadtest packages."""
