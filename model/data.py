@@ -19,10 +19,10 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -185,8 +185,8 @@ def _tar_members(archive: Path, split: str) -> Iterator[tuple[str, bytes]]:
                 yield parts[-2], handle.read()
 
 
-def _image_tree(items: Iterator[tuple[str, bytes]] | object) -> Split:
-    pairs = sorted(items, key=lambda item: item[0])  # type: ignore[call-overload]
+def _image_tree(items: Iterable[tuple[str, bytes]]) -> Split:
+    pairs = sorted(items, key=lambda item: item[0])
     if not pairs:
         raise FileNotFoundError("no images found")
     classes = tuple(sorted({label for label, _ in pairs}))
@@ -210,7 +210,8 @@ def _find_pickles(root: Path) -> Path | None:
 
 def _unpickle(path: Path) -> dict[bytes, object]:
     with path.open("rb") as f:
-        return pickle.load(f, encoding="bytes")  # type: ignore[no-any-return]
+        data: dict[bytes, object] = pickle.load(f, encoding="bytes")
+        return data
 
 
 def _cifar_pickles(folder: Path, dataset: str, split: str) -> Split:
@@ -222,7 +223,8 @@ def _cifar_pickles(folder: Path, dataset: str, split: str) -> Split:
     parts = [_unpickle(folder / n) for n in names]
     data = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8) for p in parts])
     labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
-    classes = tuple(n.decode() for n in _unpickle(folder / meta)[names_key])  # type: ignore[attr-defined]
+    label_names: Any = _unpickle(folder / meta)[names_key]
+    classes = tuple(n.decode() for n in label_names)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
     return Split(images, labels, classes)
 
@@ -245,7 +247,7 @@ def fetch(dataset: str, root: Path) -> None:
         target = root / url.rsplit("/", 1)[-1]
         if not target.exists():
             log.info("downloading %s", url)
-            urllib.request.urlretrieve(url, target)  # noqa: S310 - fixed https/http URLs
+            urllib.request.urlretrieve(url, target)
         digest = hashlib.md5(target.read_bytes()).hexdigest()
         if digest != md5:
             target.unlink()

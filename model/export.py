@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import logging
 import shlex
 import sys
@@ -68,9 +69,10 @@ class ServingColumn(nn.Module):
         self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        mean, inv_std = self.get_buffer("mean"), self.get_buffer("inv_std")
+        x = (images.permute(0, 3, 1, 2).float() - mean) * inv_std
         logits = self.net(x, column=self.column)
-        return torch.softmax(logits * self.inv_temperature, dim=1), logits
+        return torch.softmax(logits * self.get_buffer("inv_temperature"), dim=1), logits
 
 
 def column_macs(config: FractalConfig, column: int) -> int:
@@ -89,7 +91,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     correct = probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
@@ -114,19 +116,27 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def column_logits(net: FractalNet, column: int, split: Split, norm: Any) -> torch.Tensor:
     images = torch.from_numpy(split.images)
-    parts = [net(to_tensor(images[i : i + 500], *norm), column=column)
-             for i in range(0, len(split), 500)]
+    parts = [
+        net(to_tensor(images[i : i + 500], *norm), column=column) for i in range(0, len(split), 500)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, net.config.num_classes)
 
 
 def export_onnx(module: ServingColumn, path: Path, size: int) -> None:
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     torch.onnx.export(
-        module, (example,), str(path), input_names=["images"],
+        module,
+        (example,),
+        str(path),
+        input_names=["images"],
         output_names=["probabilities", "logits"],
-        dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"},
-                      "logits": {0: "batch"}},
-        opset_version=17, dynamo=False,
+        dynamic_axes={
+            "images": {0: "batch"},
+            "probabilities": {0: "batch"},
+            "logits": {0: "batch"},
+        },
+        opset_version=17,
+        dynamo=False,
     )
     import onnx
 
@@ -154,8 +164,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     prepped = int8_path.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
     quantize_static(
-        str(prepped), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+        str(prepped),
+        str(int8_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
         op_types_to_quantize=["Conv", "Gemm", "MatMul"],
     )
     prepped.unlink()
@@ -205,10 +220,13 @@ def export_bundle(
             temperature=round(temperature, 6),
             ece_before=expected_calibration_error(held_logits.softmax(1).numpy(), held_out.labels),
             ece_after=expected_calibration_error(
-                (held_logits / temperature).softmax(1).numpy(), held_out.labels),
+                (held_logits / temperature).softmax(1).numpy(), held_out.labels
+            ),
             images=len(held_out),
         )
-        module = ServingColumn(column_net, column, norm_cfg["mean"], norm_cfg["std"], temperature).eval()
+        module = ServingColumn(
+            column_net, column, norm_cfg["mean"], norm_cfg["std"], temperature
+        ).eval()
         path = out / f"column_{column}.onnx"
         export_onnx(module, path, size)
         session = create_session(path, session_cfg)
@@ -216,39 +234,74 @@ def export_bundle(
         with torch.no_grad():
             expected = module(torch.from_numpy(check))[0].numpy()
         diff = float(np.abs(run_probabilities(session, check) - expected).max())
-        log.info("column %d: T=%.3f ECE %.4f -> %.4f, max |onnx - torch| = %.2e",
-                 column, temperature, calib.ece_before, calib.ece_after, diff)
+        log.info(
+            "column %d: T=%.3f ECE %.4f -> %.4f, max |onnx - torch| = %.2e",
+            column,
+            temperature,
+            calib.ece_before,
+            calib.ece_after,
+            diff,
+        )
         if diff > PARITY_BOUND:
             raise RuntimeError(f"column {column}: ONNX differs from torch by {diff:.2e}")
         common = {
-            "column": column, "depth": config.column_depth(column),
-            "parameters": column_parameters(net, column), "macs": column_macs(config, column),
+            "column": column,
+            "depth": config.column_depth(column),
+            "parameters": column_parameters(net, column),
+            "macs": column_macs(config, column),
             "calibration": calib,
         }
-        variants.append(_measured(path, out, session, test, size, machine, latency_repeats,
-                                  common | {"precision": "fp32", "max_abs_diff": diff}))
+        variants.append(
+            _measured(
+                path,
+                out,
+                session,
+                test,
+                size,
+                machine,
+                latency_repeats,
+                common | {"precision": "fp32", "max_abs_diff": diff},
+            )
+        )
         if int8:
             q_path = out / f"column_{column}_int8.onnx"
             quantize_int8(path, q_path, train.subset(512, seed=2).images)
             q_session = create_session(q_path, session_cfg)
             q_diff = float(np.abs(run_probabilities(q_session, check) - expected).max())
-            variants.append(_measured(q_path, out, q_session, test, size, machine,
-                                      latency_repeats,
-                                      common | {"precision": "int8", "max_abs_diff": q_diff}))
+            variants.append(
+                _measured(
+                    q_path,
+                    out,
+                    q_session,
+                    test,
+                    size,
+                    machine,
+                    latency_repeats,
+                    common | {"precision": "int8", "max_abs_diff": q_diff},
+                )
+            )
 
     args = ckpt.get("args", {})
     manifest = Manifest(
-        name=name, version=version, description=description, dataset=dataset,
+        name=name,
+        version=version,
+        description=description,
+        dataset=dataset,
         classes=tuple(ckpt["classes"]),
         input=InputSpec(height=size, width=size),
         normalization=Normalization(mean=tuple(norm_cfg["mean"]), std=tuple(norm_cfg["std"])),
         columns=config.columns,
         training=Training(
-            config=config.to_dict(), dataset=ckpt["dataset"], epochs=int(ckpt["epoch"]),
+            config=config.to_dict(),
+            dataset=ckpt["dataset"],
+            epochs=int(ckpt["epoch"]),
             augmentation=str(args.get("augment", "unknown")),
             date=dt.datetime.fromtimestamp(checkpoint.stat().st_mtime, dt.UTC).isoformat(
-                timespec="seconds"),
-            checkpoint_sha256=sha256_file(checkpoint), seed=args.get("seed"), command=command,
+                timespec="seconds"
+            ),
+            checkpoint_sha256=sha256_file(checkpoint),
+            seed=args.get("seed"),
+            command=command,
         ),
         variants=tuple(variants),
     )
@@ -257,15 +310,24 @@ def export_bundle(
 
 
 def _measured(
-    path: Path, out: Path, session: object, test: Split, size: int, machine: str,
-    repeats: int, fields: dict[str, Any],
+    path: Path,
+    out: Path,
+    session: object,
+    test: Split,
+    size: int,
+    machine: str,
+    repeats: int,
+    fields: dict[str, Any],
 ) -> Variant:
     acc = accuracy(session, test.images, test.labels)
     latency = measure_latency_ms(session, size, size, repeats=repeats)
     log.info("%s: top-1 %.4f, latency %s ms", path.name, acc, latency)
     return Variant(
-        file=path.name, sha256=sha256_file(path), accuracy=round(acc, 6),
-        latency=LatencyProfile(ms_by_batch=latency, machine=machine), **fields,
+        file=path.name,
+        sha256=sha256_file(path),
+        accuracy=round(acc, 6),
+        latency=LatencyProfile(ms_by_batch=latency, machine=machine),
+        **fields,
     )
 
 
@@ -284,14 +346,23 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifest = export_bundle(
-        args.checkpoint, args.out, args.name or args.out.name, args.version,
-        data_dir=args.data_dir, dataset=args.dataset, int8=args.int8,
-        test_limit=args.test_limit, latency_repeats=args.latency_repeats,
-        description=args.description, command=shlex.join(["fractal", "export", *(sys.argv[1:] if argv is None else argv)]),
+        args.checkpoint,
+        args.out,
+        args.name or args.out.name,
+        args.version,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        int8=args.int8,
+        test_limit=args.test_limit,
+        latency_repeats=args.latency_repeats,
+        description=args.description,
+        command=shlex.join(["fractal", "export", *(sys.argv[1:] if argv is None else argv)]),
     )
     for v in manifest.variants:
-        print(f"{v.file:24s} top-1 {v.accuracy:.4f}  T={v.calibration.temperature:.3f}  "
-              f"ECE {v.calibration.ece_before:.4f}->{v.calibration.ece_after:.4f}")
+        print(
+            f"{v.file:24s} top-1 {v.accuracy:.4f}  T={v.calibration.temperature:.3f}  "
+            f"ECE {v.calibration.ece_before:.4f}->{v.calibration.ece_after:.4f}"
+        )
 
 
 if __name__ == "__main__":

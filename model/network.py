@@ -143,10 +143,7 @@ class FractalNet(nn.Module):
             else:
                 keep = plan.keep_for_block(i, c.columns)
             x = self.pool(block(x, keep, self.drop_mode))
-        if x.shape[-1] > 1 or x.shape[-2] > 1:
-            x = x.mean(dim=(2, 3))
-        else:
-            x = x.flatten(1)
+        x = x.mean(dim=(2, 3)) if x.shape[-1] > 1 or x.shape[-2] > 1 else x.flatten(1)
         return self.head(x)
 
 

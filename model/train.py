@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -84,8 +83,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--augment", choices=("none", "plus", "plusplus"), default="none")
-    p.add_argument("--holdout", type=int, default=0,
-                   help="training images kept out of training (export calibrates on them)")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="training images kept out of training (export calibrates on them)",
+    )
     p.add_argument("--train-limit", type=int, help="use only this many training images")
     p.add_argument("--eval-limit", type=int, help="evaluate on only this many test images")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
@@ -122,19 +125,28 @@ def pick_device(name: str, d: Dist) -> torch.device:
 
 
 def calibration_batches(
-    split: Split, norm: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-    count: int = 2000, batch_size: int = 200,
+    split: Split,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    count: int = 2000,
+    batch_size: int = 200,
 ) -> list[torch.Tensor]:
     """Un-augmented training images for re-estimating BatchNorm statistics."""
     sample = torch.from_numpy(split.subset(count, seed=5).images)
-    return [to_tensor(sample[i : i + batch_size], *norm).to(device)
-            for i in range(0, len(sample), batch_size)]
+    return [
+        to_tensor(sample[i : i + batch_size], *norm).to(device)
+        for i in range(0, len(sample), batch_size)
+    ]
 
 
 @torch.no_grad()
 def evaluate(
-    net: FractalNet, split: Split, norm: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-    calibration: list[torch.Tensor], batch_size: int = 500,
+    net: FractalNet,
+    split: Split,
+    norm: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    calibration: list[torch.Tensor],
+    batch_size: int = 500,
 ) -> dict[str, dict[str, float]]:
     """Loss and top-1 accuracy of the whole network and of every column alone, each with
     its own BatchNorm statistics (see `model.recalibrate`)."""
@@ -169,7 +181,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> FractalNet:
@@ -212,13 +225,15 @@ def train(args: argparse.Namespace) -> Path:
         config = build_config(args, len(train_split.classes))
         mean, std = channel_stats(train_split.images)
     if config.image_size != train_split.images.shape[1]:
-        raise ValueError(f"images are {train_split.images.shape[1]} px, config says "
-                         f"{config.image_size}; pass --image-size")
+        raise ValueError(
+            f"images are {train_split.images.shape[1]} px, config says "
+            f"{config.image_size}; pass --image-size"
+        )
     norm = (torch.tensor(mean), torch.tensor(std))
 
     net = FractalNet(config, seed=args.seed).to(device)
     if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(
         net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
@@ -230,6 +245,8 @@ def train(args: argparse.Namespace) -> Path:
         start_epoch = int(resume["epoch"])
         net.drop_rng.setstate(resume["drop_rng"])
         aug_gen.set_state(resume["aug_rng"][d.rank % len(resume["aug_rng"])])
+        if "torch_rng" in resume:  # absent from checkpoints written before it was saved
+            _set_torch_rng_state(resume["torch_rng"][d.rank % len(resume["torch_rng"])], device)
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     model: nn.Module = net
     if args.compile:
@@ -242,9 +259,15 @@ def train(args: argparse.Namespace) -> Path:
         )
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log.info("config %s; %d parameters; %d train / %d test images on %s x%d",
-                 config, sum(p.numel() for p in net.parameters()), len(train_split),
-                 len(test_split), device, d.world_size)
+        log.info(
+            "config %s; %d parameters; %d train / %d test images on %s x%d",
+            config,
+            sum(p.numel() for p in net.parameters()),
+            len(train_split),
+            len(test_split),
+            device,
+            d.world_size,
+        )
 
     per_rank = max(args.batch_size // d.world_size, 1)
     images = torch.from_numpy(train_split.images)
@@ -256,12 +279,15 @@ def train(args: argparse.Namespace) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Same permutation on every rank; each takes its own stride of it.
-        perm = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(
-            args.seed * 100_003 + epoch))
+        perm = torch.randperm(
+            len(train_split), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        )
         steps = len(perm) // (per_rank * d.world_size)
         net.train()
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.monotonic()
-        bar = _progress(steps, f"epoch {epoch + 1}/{args.epochs}", d.is_main and not args.no_progress)
+        bar = _progress(
+            steps, f"epoch {epoch + 1}/{args.epochs}", d.is_main and not args.no_progress
+        )
         for step in range(steps):
             idx = perm[(step * d.world_size + d.rank) * per_rank :][:per_rank]
             x = augment_batch(to_tensor(images[idx], *norm), args.augment, aug_gen).to(device)
@@ -284,7 +310,9 @@ def train(args: argparse.Namespace) -> Path:
             bar.close()
         elapsed = time.monotonic() - t0
         record: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
             "images_per_second": seen * d.world_size / max(elapsed, 1e-9),
         }
@@ -292,21 +320,32 @@ def train(args: argparse.Namespace) -> Path:
         if d.is_main and ((epoch + 1) % args.eval_every == 0 or last):
             calib = calibration_batches(train_split, norm, device)
             record["test"] = evaluate(net, test_split, norm, device, calib)
+        # Every rank takes part in the gathers; only rank 0 writes.
+        aug_states = _gather_states(aug_gen.get_state(), d)
+        torch_states = _gather_states(_torch_rng_state(device), d)
         if d.is_main:
             log.info("%s", json.dumps(record))
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_path, {
-                "config": config.to_dict(), "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "drop_rng": net.drop_rng.getstate(), "aug_rng": _gather_gen_states(aug_gen, d),
-                "normalization": {"mean": mean, "std": std},
-                "classes": list(train_split.classes), "dataset": args.dataset,
-                "holdout": {"count": args.holdout, "seed": args.seed},
-                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            })
-        elif d.world_size > 1:
-            _gather_gen_states(aug_gen, d)
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "config": config.to_dict(),
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "drop_rng": net.drop_rng.getstate(),
+                    "aug_rng": aug_states,
+                    "torch_rng": torch_states,
+                    "normalization": {"mean": mean, "std": std},
+                    "classes": list(train_split.classes),
+                    "dataset": args.dataset,
+                    "holdout": {"count": args.holdout, "seed": args.seed},
+                    "args": {
+                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    },
+                },
+            )
         if d.world_size > 1:
             dist.barrier()
         if args.max_minutes and time.monotonic() - started > args.max_minutes * 60:
@@ -319,8 +358,23 @@ def train(args: argparse.Namespace) -> Path:
     return ckpt_path
 
 
-def _gather_gen_states(gen: torch.Generator, d: Dist) -> list[torch.Tensor]:
-    state = gen.get_state()
+def _torch_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global generators dropout draws from: saved so a resumed run draws the same
+    masks as an uninterrupted one."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_torch_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_states(state: Any, d: Dist) -> list[Any]:
+    """`state` from every rank, in rank order (a one-item list without DDP)."""
     if d.world_size == 1:
         return [state]
     states: list[Any] = [None] * d.world_size

@@ -1,0 +1,311 @@
+"""The open-loop load generator: worker processes, each an asyncio + httpx loop.
+
+The plan (arrival time, image and deadline of every request) is computed up front by
+`build_plan`, a pure seeded function. Each worker sleeps until an arrival is due and
+starts the request as a task without waiting for earlier ones, so a slow server never
+slows the sender. Each worker has its own concurrency bound: an arrival that finds the
+bound reached is recorded as dropped, not queued. Several processes share one start
+instant so that together they can offer more load than one Python process could.
+
+Latency is measured from the *scheduled* time, not the send time, so any lag of the
+generator itself counts against the answer instead of hiding (coordinated omission);
+`send_s - scheduled_s` shows that lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing as mp
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from loadtest.deadlines import Deadline, sample_deadlines
+from loadtest.protocol import (
+    CLASSIFY_PATH,
+    LIVE_PATH,
+    Answer,
+    SseParser,
+    answer_from_done,
+    answer_from_error,
+    answer_from_json,
+    classify_headers,
+    error_text,
+)
+from loadtest.samples import Sample
+from loadtest.schedule import deal, poisson_arrivals, split_bound
+
+START_DELAY_S = 0.2
+"""Time between the start signal and the first scheduled instant."""
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    index: int
+    at_s: float
+    """Scheduled time, seconds after the run's start."""
+    sample: int
+    """Index into the sample list."""
+    deadline_ms: float
+    """NaN: no deadline header."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where requests go and how they are sent."""
+
+    url: str
+    """Base URL, e.g. http://127.0.0.1:8000."""
+    column: int | None = None
+    stream: bool = False
+    timeout_s: float = 10.0
+    ceiling: bool = False
+    """GET /v2/health/live instead of classifying: measures the generator itself."""
+
+
+@dataclass
+class Result:
+    """One scheduled request and what became of it (times in seconds after the start)."""
+
+    index: int
+    worker: int
+    scheduled_s: float
+    label: str
+    deadline_ms: float | None
+    send_s: float | None = None
+    latency_ms: float | None = None
+    status: int = 0
+    """HTTP status; 0 when there was none (dropped, connection error, timeout)."""
+    column: int | None = None
+    predicted: str | None = None
+    correct: bool | None = None
+    deadline_met: bool = False
+    first_answer_ms: float | None = None
+    """Streams: scheduled time to the first `prediction` event."""
+    dropped: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and self.error is None
+
+    @property
+    def shed(self) -> bool:
+        return self.status == 503
+
+
+@dataclass(frozen=True)
+class Plan:
+    arrivals: tuple[Arrival, ...]
+    rate_rps: float
+    duration_s: float
+    seed: int
+    deadline_spec: str = "none"
+
+
+def build_plan(
+    rate_rps: float, duration_s: float, deadline: Deadline, samples: int, seed: int
+) -> Plan:
+    """Every request of a run, fixed in advance: the same seed gives the same plan."""
+    times = poisson_arrivals(rate_rps, duration_s, seed)
+    picks = np.random.default_rng(seed + 1).integers(0, max(samples, 1), len(times))
+    deadlines = sample_deadlines(deadline, len(times), seed + 2)
+    arrivals = tuple(
+        Arrival(i, round(float(t), 6), int(s), float(d))
+        for i, (t, s, d) in enumerate(zip(times, picks, deadlines, strict=True))
+    )
+    return Plan(arrivals, rate_rps, duration_s, seed, deadline.spec())
+
+
+def _deadline(arrival: Arrival) -> float | None:
+    return None if math.isnan(arrival.deadline_ms) else arrival.deadline_ms
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds, to the microsecond (the clock is no finer in practice)."""
+    return round(seconds * 1000.0, 3)
+
+
+def _finish(result: Result, answer: Answer, done_s: float) -> Result:
+    result.latency_ms = _ms(done_s - result.scheduled_s)
+    result.column, result.predicted = answer.column, answer.class_name
+    result.error = answer.error
+    if answer.class_name is not None and result.label:
+        result.correct = answer.class_name == result.label
+    within = result.deadline_ms is None or result.latency_ms <= result.deadline_ms
+    result.deadline_met = result.ok and within
+    return result
+
+
+async def _send(
+    client: httpx.AsyncClient, target: Target, sample: Sample | None, result: Result, t0: float
+) -> Result:
+    """Send one request and fill `result`; never raises."""
+
+    def now() -> float:
+        return round(time.monotonic() - t0, 6)
+
+    result.send_s = now()
+    try:
+        async with asyncio.timeout(target.timeout_s):
+            if sample is None:
+                response = await client.get(LIVE_PATH)
+                result.status = response.status_code
+                ok = response.is_success
+                answer = Answer() if ok else Answer(error=error_text(result.status, b""))
+                return _finish(result, answer, now())
+            headers = classify_headers(
+                sample.content_type, result.deadline_ms, target.column, target.stream
+            )
+            if not target.stream:
+                response = await client.post(CLASSIFY_PATH, content=sample.data, headers=headers)
+                result.status = response.status_code
+                if response.is_success:
+                    answer = answer_from_json(response.json())
+                else:
+                    answer = Answer(error=error_text(result.status, response.content))
+                return _finish(result, answer, now())
+            request = client.build_request(
+                "POST", CLASSIFY_PATH, content=sample.data, headers=headers
+            )
+            response = await client.send(request, stream=True)
+            try:
+                result.status = response.status_code
+                if not response.is_success:
+                    body = await response.aread()
+                    return _finish(result, Answer(error=error_text(result.status, body)), now())
+                answer = Answer(error="stream ended without a done event")
+                parser = SseParser()
+                async for line in response.aiter_lines():
+                    for event in parser.feed(line):
+                        if event.name == "prediction" and result.first_answer_ms is None:
+                            result.first_answer_ms = _ms(now() - result.scheduled_s)
+                        elif event.name == "done":
+                            answer = answer_from_done(event)
+                        elif event.name == "error":
+                            answer = answer_from_error(event)
+                return _finish(result, answer, now())
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        return _finish(result, Answer(error="timeout"), now())
+    except Exception as exc:  # every arrival must end as a result, whatever went wrong
+        return _finish(result, Answer(error=f"{type(exc).__name__}: {exc}"[:160]), now())
+
+
+async def run_share(
+    target: Target,
+    arrivals: Sequence[Arrival],
+    samples: Sequence[Sample],
+    bound: int,
+    start_monotonic: float,
+    worker: int = 0,
+) -> list[Result]:
+    """Send this worker's arrivals on schedule, at most `bound` in flight; all results."""
+    results: list[Result] = []
+    in_flight: set[asyncio.Task[Result]] = set()
+    limits = httpx.Limits(max_connections=bound, max_keepalive_connections=bound)
+
+    def collect(task: asyncio.Task[Result]) -> None:
+        in_flight.discard(task)
+        results.append(task.result())
+
+    async with httpx.AsyncClient(base_url=target.url, limits=limits, timeout=None) as client:
+        for arrival in arrivals:
+            delay = start_monotonic + arrival.at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sample = None if target.ceiling else samples[arrival.sample]
+            result = Result(
+                arrival.index,
+                worker,
+                arrival.at_s,
+                label=sample.label if sample else "",
+                deadline_ms=_deadline(arrival),
+            )
+            if len(in_flight) >= bound:
+                result.dropped = True
+                results.append(result)
+                continue
+            task = asyncio.create_task(_send(client, target, sample, result, start_monotonic))
+            in_flight.add(task)
+            task.add_done_callback(collect)
+        while in_flight:
+            await asyncio.wait(set(in_flight))
+    return results
+
+
+def _worker_main(
+    worker: int,
+    target: Target,
+    arrivals: Sequence[Arrival],
+    samples: Sequence[Sample],
+    bound: int,
+    ready: Any,
+    go: Any,
+    start_wall: Any,
+    out: Any,
+) -> None:
+    ready.put(worker)
+    if not go.wait(READY_TIMEOUT_S):
+        out.put((worker, []))
+        return
+    start_monotonic = time.monotonic() + (start_wall.value - time.time())
+    results = asyncio.run(run_share(target, arrivals, samples, bound, start_monotonic, worker))
+    out.put((worker, results))
+
+
+def run_load(
+    target: Target,
+    plan: Plan,
+    samples: Sequence[Sample],
+    concurrency: int,
+    workers: int = 1,
+) -> list[Result]:
+    """Run `plan` against `target`; one Result per arrival, in schedule order."""
+    shares = [[plan.arrivals[i] for i in idx] for idx in deal(len(plan.arrivals), workers)]
+    bounds = split_bound(concurrency, workers)
+    if workers == 1:
+        start = time.monotonic() + START_DELAY_S
+        results = asyncio.run(run_share(target, shares[0], samples, bounds[0], start))
+        return sorted(results, key=lambda r: r.index)
+
+    # spawn, not fork: the parent may hold threads (a test's stub server, an event loop).
+    ctx = mp.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    start_wall = ctx.Value("d", 0.0)
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(w, target, shares[w], samples, bounds[w], ready, go, start_wall, out),
+            daemon=True,
+        )
+        for w in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=READY_TIMEOUT_S)
+        start_wall.value = time.time() + START_DELAY_S
+        go.set()
+        limit = START_DELAY_S + plan.duration_s + target.timeout_s + READY_TIMEOUT_S
+        merged: list[Result] = []
+        for _ in procs:
+            _, part = out.get(timeout=limit)
+            merged.extend(part)
+    except queue.Empty:
+        raise RuntimeError("a load-generator worker did not report back") from None
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    return sorted(merged, key=lambda r: r.index)

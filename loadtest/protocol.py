@@ -1,0 +1,140 @@
+"""The client side of the server's HTTP API (docs/api.md): request headers, answers, SSE.
+
+Shared by the asyncio generator and the Locust file, so both send the same requests and
+read answers the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+CLASSIFY_PATH = "/v1/classify"
+MODELS_PATH = "/v1/models"
+LIVE_PATH = "/v2/health/live"
+READY_PATH = "/v2/health/ready"
+EVENT_STREAM = "text/event-stream"
+
+
+def classify_headers(
+    content_type: str, deadline_ms: float | None, column: int | None, stream: bool
+) -> dict[str, str]:
+    """Headers for one POST /v1/classify (a NaN or None deadline sends no header)."""
+    headers = {"Content-Type": content_type}
+    if deadline_ms is not None and not math.isnan(deadline_ms):
+        headers["X-Deadline-Ms"] = f"{deadline_ms:.3f}"
+    if column is not None:
+        headers["X-Column"] = str(column)
+    if stream:
+        headers["Accept"] = EVENT_STREAM
+    return headers
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one request got back: the answering column and class, or why not."""
+
+    column: int | None = None
+    class_name: str | None = None
+    error: str | None = None
+
+
+def answer_from_json(payload: Any) -> Answer:
+    """The answer in a 200 body (or in a stream's `final` prediction)."""
+    if not isinstance(payload, dict) or "class_name" not in payload:
+        return Answer(error="answer without class_name")
+    column = payload.get("column")
+    return Answer(
+        column=int(column) if isinstance(column, int | float) else None,
+        class_name=str(payload["class_name"]),
+    )
+
+
+def error_text(status: int, body: bytes) -> str:
+    """Short text for a non-2xx answer: the 503 `reason` or the `error` field."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if isinstance(payload, dict):
+        if status == 503 and "reason" in payload:
+            return f"shed:{payload['reason']}"
+        if "error" in payload:
+            return f"{status}:{str(payload['error'])[:120]}"
+    return f"{status}"
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    data: str
+
+
+class SseParser:
+    """Server-Sent Events from lines (without line endings), per the WHATWG format."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> Iterator[Event]:
+        if line == "":
+            if self._data:
+                yield Event(self._name, "\n".join(self._data))
+            self._name, self._data = "message", []
+            return
+        if line.startswith(":"):
+            return
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._name = value
+        elif field == "data":
+            self._data.append(value)
+
+
+def parse_sse(lines: Iterable[str]) -> list[Event]:
+    parser = SseParser()
+    events = [e for line in lines for e in parser.feed(line)]
+    return events + list(parser.feed(""))
+
+
+def answer_from_done(event: Event) -> Answer:
+    """The final answer carried by a `done` event."""
+    try:
+        payload = json.loads(event.data)
+    except ValueError:
+        return Answer(error="done event is not JSON")
+    if not isinstance(payload, dict):
+        return Answer(error="done event is not an object")
+    return answer_from_json(payload.get("final"))
+
+
+def answer_from_error(event: Event) -> Answer:
+    try:
+        payload = json.loads(event.data)
+    except ValueError:
+        payload = None
+    text = payload.get("error") if isinstance(payload, dict) else event.data
+    return Answer(error=f"stream:{str(text)[:120]}")
+
+
+def column_count(models_payload: Any) -> int:
+    """Columns of the first model in a GET /v1/models answer."""
+    models = models_payload.get("models") if isinstance(models_payload, dict) else None
+    if not models:
+        raise ValueError("GET /v1/models listed no model")
+    variants = models[0].get("variants") or []
+    columns = [int(v["column"]) for v in variants if "column" in v]
+    if not columns:
+        raise ValueError("GET /v1/models: the first model has no variants")
+    return max(columns)
+
+
+def model_classes(models_payload: Any) -> tuple[str, ...]:
+    """Class names of the first model in a GET /v1/models answer (empty if not given)."""
+    models = models_payload.get("models") if isinstance(models_payload, dict) else None
+    return tuple(str(c) for c in (models[0].get("classes") or ())) if models else ()

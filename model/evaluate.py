@@ -1,0 +1,224 @@
+"""`fractal eval PATH`: top-1 accuracy of a checkpoint (torch) or a bundle (onnxruntime).
+
+A checkpoint (`.pt`) is scored as the whole network and as each column alone, each with
+BatchNorm statistics re-estimated for its path on the training images the checkpoint
+trained on (see `model.recalibrate`). A bundle (a folder with `manifest.json`) is scored
+variant by variant through the same onnxruntime code the server runs, with a latency
+profile; `--update-manifest` writes both back into the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.data import DATASETS, Split, load_split
+from model.train import (
+    calibration_batches,
+    dist_from_env,
+    evaluate,
+    load_checkpoint,
+    model_from_checkpoint,
+    pick_device,
+)
+from service.bundle import (
+    MANIFEST,
+    LatencyProfile,
+    Manifest,
+    load_bundle,
+    write_manifest,
+)
+from service.runtime import (
+    SessionConfig,
+    accuracy,
+    available_cpus,
+    create_session,
+    describe_machine,
+    measure_latency_ms,
+)
+
+log = logging.getLogger("model.evaluate")
+
+BATCH_SIZES = (1, 8, 32)
+"""Batch sizes of the latency profile (as `fractal export` measures)."""
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    """One bundle variant: its measured top-1 and latency, and what the manifest says."""
+
+    key: str
+    accuracy: float
+    ms_by_batch: dict[int, float]
+    manifest_accuracy: float | None
+
+
+def load_test_split(
+    dataset: str, data_dir: str | None, image_size: int, classes: Sequence[str], limit: int | None
+) -> Split:
+    """The test images, refused when their classes are not the model's (in order)."""
+    split = load_split(dataset, "test", data_dir, image_size).subset(limit, seed=0)
+    if tuple(split.classes) != tuple(classes):
+        raise ValueError(
+            f"{dataset} test classes {split.classes} differ from the model's {tuple(classes)}"
+        )
+    return split
+
+
+def evaluate_checkpoint(
+    path: Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, float]]:
+    """Loss and top-1 of the whole network and of each column, as training reports them."""
+    device = device or torch.device("cpu")
+    ckpt = load_checkpoint(path)
+    net = model_from_checkpoint(ckpt).to(device)
+    size = net.config.image_size
+    dataset = dataset or ckpt["dataset"]
+    norm_cfg = ckpt["normalization"]
+    norm = (torch.tensor(norm_cfg["mean"]), torch.tensor(norm_cfg["std"]))
+    # Calibrate on what the network trained on: the training split minus its holdout.
+    hold = ckpt.get("holdout", {"count": 0, "seed": 0})
+    train = load_split(dataset, "train", data_dir, size)
+    rest, _ = train.holdout(int(hold["count"]), seed=int(hold["seed"]))
+    test = load_test_split(dataset, data_dir, size, ckpt["classes"], limit)
+    log.info("%s: %d test images of %s on %s", path, len(test), dataset, device)
+    return evaluate(net, test, norm, device, calibration_batches(rest, norm, device))
+
+
+def evaluate_bundle(
+    folder: Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    threads: int | None = None,
+    latency_repeats: int = 20,
+) -> list[VariantScore]:
+    """Top-1 and latency of every variant, through onnxruntime."""
+    manifest = load_bundle(folder)
+    test = load_test_split(
+        dataset or manifest.dataset, data_dir, manifest.input.height, manifest.classes, limit
+    )
+    config = SessionConfig(intra_op_threads=threads or available_cpus())
+    scores = []
+    for v in manifest.variants:
+        session = create_session(folder / v.file, config)
+        acc = accuracy(session, test.images, test.labels)
+        ms = measure_latency_ms(
+            session, manifest.input.height, manifest.input.width, BATCH_SIZES, latency_repeats
+        )
+        log.info("%s: top-1 %.4f on %d images, latency %s ms", v.key, acc, len(test), ms)
+        scores.append(VariantScore(v.key, acc, ms, v.accuracy))
+    return scores
+
+
+def updated_manifest(manifest: Manifest, scores: Sequence[VariantScore], machine: str) -> Manifest:
+    """`manifest` with each variant's accuracy and latency replaced by `scores`."""
+    by_key = {s.key: s for s in scores}
+    variants = []
+    for v in manifest.variants:
+        score = by_key.get(v.key)
+        if score is None:
+            variants.append(v)
+            continue
+        latency = LatencyProfile(ms_by_batch=score.ms_by_batch, machine=machine)
+        variants.append(
+            v.model_copy(update={"accuracy": round(score.accuracy, 6), "latency": latency})
+        )
+    return manifest.model_copy(update={"variants": tuple(variants)})
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned first column, right-aligned others, widths fitted to the content."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        first, *rest = cells
+        parts = [first.ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def checkpoint_table(results: dict[str, dict[str, float]]) -> str:
+    rows = [[head, f"{r['loss']:.4f}", f"{r['accuracy']:.4f}"] for head, r in results.items()]
+    return format_table(["head", "loss", "top-1"], rows)
+
+
+def bundle_table(scores: Sequence[VariantScore]) -> str:
+    headers = ["variant", "top-1", "manifest", *(f"ms@{n}" for n in BATCH_SIZES)]
+    rows = [
+        [
+            s.key,
+            f"{s.accuracy:.4f}",
+            "-" if s.manifest_accuracy is None else f"{s.manifest_accuracy:.4f}",
+            *(f"{s.ms_by_batch[n]:.3f}" for n in BATCH_SIZES),
+        ]
+        for s in scores
+    ]
+    return format_table(headers, rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fractal eval", description=__doc__.splitlines()[0])
+    p.add_argument("path", type=Path, help="a checkpoint (.pt) or a bundle folder")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the model's own")
+    p.add_argument("--data-dir", help="dataset location (as for training)")
+    p.add_argument("--limit", type=int, help="evaluate on only this many test images")
+    p.add_argument(
+        "--update-manifest",
+        action="store_true",
+        help="bundles: write the measured accuracy and latency into manifest.json",
+    )
+    p.add_argument("--latency-repeats", type=int, default=20, help="bundles: runs per batch size")
+    p.add_argument("--threads", type=int, help="torch / onnxruntime threads (default: all CPUs)")
+    p.add_argument("--device", default="auto", help="checkpoints: auto, cpu, cuda, cuda:N")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path: Path = args.path
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        if args.update_manifest and args.limit is not None:
+            raise SystemExit(
+                "fractal eval: --update-manifest needs the whole test set (no --limit)"
+            )
+        manifest = load_bundle(path)
+        if args.update_manifest and args.dataset not in (None, manifest.dataset):
+            raise SystemExit(
+                f"fractal eval: the manifest describes {manifest.dataset}, not {args.dataset}"
+            )
+        scores = evaluate_bundle(
+            path, args.dataset, args.data_dir, args.limit, args.threads, args.latency_repeats
+        )
+        print(bundle_table(scores))
+        if args.update_manifest:
+            write_manifest(path, updated_manifest(manifest, scores, describe_machine()))
+            print(f"updated {path / MANIFEST}")
+        return 0
+    if path.is_file():
+        if args.update_manifest:
+            raise SystemExit("fractal eval: --update-manifest applies to bundles only")
+        device = pick_device(args.device, dist_from_env())
+        results = evaluate_checkpoint(path, args.dataset, args.data_dir, args.limit, device)
+        print(checkpoint_table(results))
+        return 0
+    raise SystemExit(f"fractal eval: {path} is neither a checkpoint nor a bundle folder")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Dynamic batching: per-variant deadline-ordered queues, workers, and result fan-out.
+
+The decisions (which queue, how many items, whether to wait) are the pure functions of
+`service.scheduling`; this module owns the asyncio side: queues, wake-ups, running a batch
+off the event loop, and handing every waiting request its slice of the result or the
+exception. The clock is injected (monotonic seconds) so tests can drive time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import Unavailable
+from service.scheduling import Queued, Waiting, pick_queue, plan_batch
+
+log = logging.getLogger(__name__)
+
+
+class Runnable(Protocol):
+    key: str
+
+    def run(self, images: np.ndarray) -> np.ndarray: ...
+
+    def predict_ms(self, n: int) -> float: ...
+
+    def observe(self, n: int, ms: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobResult:
+    probabilities: np.ndarray
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Job:
+    variant: Runnable
+    images: np.ndarray
+    deadline_s: float
+    enqueued_s: float
+    drop_when_late: bool
+    future: asyncio.Future[JobResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+QueueEntry = tuple[float, int, Job]
+
+
+class Batcher:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        max_batch: int,
+        max_wait_ms: float,
+        workers: int = 1,
+        on_queue_change: Callable[[Runnable, int], None] | None = None,
+        on_batch: Callable[[Runnable, int, float], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.workers = workers
+        self._queues: dict[Runnable, list[QueueEntry]] = {}
+        self._images: dict[Runnable, int] = {}
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._running_until: dict[int, float] = {}
+        self._on_queue_change = on_queue_change or (lambda v, n: None)
+        self._on_batch = on_batch or (lambda v, n, ms: None)
+        self.running_batches = 0
+
+    # -- submission and snapshots -------------------------------------------------------
+    def submit(self, job: Job) -> asyncio.Future[JobResult]:
+        queue = self._queues.setdefault(job.variant, [])
+        bisect.insort(queue, (job.deadline_s, next(self._seq), job))
+        self._images[job.variant] = self._images.get(job.variant, 0) + job.size
+        self._on_queue_change(job.variant, self._images[job.variant])
+        self._wake.set()
+        return job.future
+
+    @property
+    def queued_images(self) -> int:
+        return sum(self._images.values())
+
+    def queued_for(self, variant: Runnable) -> int:
+        return self._images.get(variant, 0)
+
+    def ahead_of(self, deadline_s: float) -> list[Waiting]:
+        """Queued images with a deadline at or before `deadline_s`, per variant."""
+        ahead = []
+        for variant, queue in self._queues.items():
+            images = sum(e[2].size for e in queue if e[0] <= deadline_s and not e[2].future.done())
+            if images:
+                ahead.append(Waiting(variant.key, images))
+        return ahead
+
+    def running_remaining_ms(self) -> float:
+        """Predicted ms until a worker frees up (0 when one is idle)."""
+        if len(self._running_until) < self.workers:
+            return 0.0
+        return max(min(self._running_until.values()) - self.clock(), 0.0) * 1000.0
+
+    def idle(self) -> bool:
+        return self.queued_images == 0 and self.running_batches == 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._worker(i), name=f"batcher-{i}") for i in range(self.workers)
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for variant in list(self._queues):
+            for _, _, job in self._queues.pop(variant):
+                if not job.future.done():
+                    job.future.set_exception(Unavailable("server stopping", reason="draining"))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the worker loop ----------------------------------------------------------------
+    async def _worker(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            variant = batch[0].variant
+            images = (
+                batch[0].images
+                if len(batch) == 1
+                else np.concatenate([job.images for job in batch])
+            )
+            n = int(images.shape[0])
+            start = self.clock()
+            self._running_until[index] = start + variant.predict_ms(n) / 1000.0
+            self.running_batches += 1
+            try:
+                probs = await loop.run_in_executor(self._pool, variant.run, images)
+            except Exception as exc:  # fan the failure out; the worker lives on
+                log.exception("inference failed for %s (batch %d)", variant.key, n)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            finally:
+                self.running_batches -= 1
+                self._running_until.pop(index, None)
+            ms = (self.clock() - start) * 1000.0
+            variant.observe(n, ms)
+            self._on_batch(variant, n, ms)
+            offset = 0
+            for job in batch:
+                part = probs[offset : offset + job.size]
+                offset += job.size
+                if not job.future.done():
+                    job.future.set_result(
+                        JobResult(
+                            part,
+                            queue_ms=(start - job.enqueued_s) * 1000.0,
+                            inference_ms=ms,
+                            batch_size=n,
+                        )
+                    )
+
+    async def _next_batch(self) -> list[Job]:
+        while True:
+            now = self.clock()
+            self._drop_dead(now)
+            heads = {v.key + f"#{id(v)}": q[0][0] for v, q in self._queues.items() if q}
+            by_name = {v.key + f"#{id(v)}": v for v in self._queues}
+            choice = pick_queue(heads)
+            if choice is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            variant = by_name[choice]
+            queue = self._queues[variant]
+            plan = plan_batch(
+                [Queued(d, job.size, job.enqueued_s) for d, _, job in queue],
+                now,
+                variant.predict_ms,
+                self.max_batch,
+                self.max_wait_ms,
+            )
+            if plan.wait_until_s is not None:
+                self._wake.clear()
+                await _wait_event(self._wake, plan.wait_until_s - now)
+                continue
+            taken = [entry[2] for entry in queue[: plan.count]]
+            del queue[: plan.count]
+            self._images[variant] -= sum(job.size for job in taken)
+            self._on_queue_change(variant, self._images[variant])
+            return taken
+
+    def _drop_dead(self, now: float) -> None:
+        """Remove cancelled jobs (client gone) and late ones that asked to be dropped."""
+        for variant, queue in self._queues.items():
+            keep = []
+            for entry in queue:
+                job = entry[2]
+                if job.future.done():
+                    continue
+                if job.drop_when_late and entry[0] < now:
+                    job.future.set_exception(
+                        Unavailable("deadline passed while queued", reason="deadline")
+                    )
+                    continue
+                keep.append(entry)
+            if len(keep) != len(queue):
+                queue[:] = keep
+                self._images[variant] = sum(e[2].size for e in keep)
+                self._on_queue_change(variant, self._images[variant])
+
+
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> Any:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=max(timeout_s, 0.0))

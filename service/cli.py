@@ -1,0 +1,142 @@
+"""`fractal serve`: run the server with uvicorn, draining gracefully on SIGTERM.
+
+On SIGTERM (or the first Ctrl-C) readiness turns false at once, new work is refused with
+503, queued and running work and open streams finish (bounded by the grace period), and
+only then does uvicorn stop and the process exit 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.engine import Engine
+from service.settings import Settings
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.name == "service.access":
+            try:
+                body = json.loads(message)
+            except ValueError:
+                body = {"message": message}
+        else:
+            body = {"message": message}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            **body,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> dict[str, Any]:
+    formatter = (
+        {"()": JsonFormatter}
+        if settings.log_json
+        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["default"], "level": settings.log_level.upper()},
+        "loggers": {"uvicorn.access": {"level": "WARNING"}},
+    }
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+        self._draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining is not None or sig not in (signal.SIGTERM, signal.SIGINT):
+            super().handle_exit(sig, frame)
+            self.force_exit = self._draining is not None
+            return
+        logging.getLogger(__name__).info("signal %d: draining (grace %.0f s)", sig, self.grace_s)
+        self.engine.draining = True
+        self._draining = asyncio.get_event_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.engine.drain(self.grace_s)
+        # Let responses of the last batch leave the event loop before closing connections.
+        await asyncio.sleep(0.05)
+        self.should_exit = True
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fractal serve",
+        description="Serve a FractalNet bundle. Every option is also an environment "
+        "variable: FRACTAL_<NAME> (e.g. FRACTAL_MAX_BATCH_SIZE).",
+    )
+    p.add_argument("--model", type=Path, help="bundle folder (FRACTAL_MODEL_PATH)")
+    p.add_argument("--host", help="interface (FRACTAL_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (FRACTAL_PORT, default 8000)")
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--latency-profile", type=Path, help="fixed latency profile JSON")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--intra-op-threads", type=int)
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "model_path": args.model,
+        "host": args.host,
+        "port": args.port,
+        "providers": args.providers,
+        "latency_profile_path": args.latency_profile,
+        "max_batch_size": args.max_batch_size,
+        "intra_op_threads": args.intra_op_threads,
+    }
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from(parse_args(argv))
+    if not (settings.model_path / "manifest.json").is_file():
+        print(
+            f"fractal serve: no bundle at {settings.model_path} (manifest.json missing)",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=configure_logging(settings),
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
+        lifespan="on",
+    )
+    server = DrainingServer(config, app.state.engine, settings.shutdown_grace_s)
+    server.run()
+    return 0 if server.started else 1

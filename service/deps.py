@@ -1,0 +1,82 @@
+"""Reusable route dependencies: the engine, settings, authentication, rate limiting."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import OrderedDict
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.engine import Engine
+from service.errors import TooManyRequests, Unauthorized
+from service.settings import Settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def token_matches(token: str | None, accepted: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every accepted token."""
+    if token is None:
+        return False
+    given = token.encode()
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(given, candidate.encode())
+    return found
+
+
+class TokenBucket:
+    """Per-client token buckets (rate per second, burst of two seconds), LRU-bounded."""
+
+    def __init__(self, rate_per_s: float, clients: int = 10_000) -> None:
+        self.rate = rate_per_s
+        self.burst = max(2.0 * rate_per_s, 1.0)
+        self.clients = clients
+        self.state: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, client: str, now: float) -> bool:
+        tokens, last = self.state.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self.state[client] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self.state) > self.clients:
+            self.state.popitem(last=False)
+        return allowed
+
+
+def inference_access(request: Request) -> None:
+    """Bearer authentication (when tokens are configured) and the per-client rate limit."""
+    app_state = request.app.state
+    accepted: tuple[str, ...] = app_state.api_tokens
+    token = bearer_token(request)
+    if accepted and not token_matches(token, accepted):
+        raise Unauthorized("missing or invalid bearer token")
+    limiter: TokenBucket | None = app_state.rate_limiter
+    if limiter is not None:
+        client = token or (request.client.host if request.client else "unknown")
+        if not limiter.allow(client, time.monotonic()):
+            settings: Settings = app_state.settings
+            raise TooManyRequests("rate limit exceeded", settings.retry_after_s)
+
+
+InferenceAccess = Depends(inference_access)

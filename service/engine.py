@@ -1,0 +1,310 @@
+"""The data plane: deadline-aware classification over a loaded model. Knows no HTTP.
+
+Both front ends (`/v1` and the Open Inference Protocol under `/v2`) call `classify` or
+`stream`; admission (shedding), variant choice, batching and outcome accounting happen
+here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.batching import Batcher, Job, JobResult, Runnable
+from service.errors import BadRequest, Unavailable
+from service.metrics import Metrics
+from service.model import LoadedModel, VariantRuntime, load_model
+from service.scheduling import (
+    Candidate,
+    choose_variant,
+    next_stream_column,
+    predict_completion_ms,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    images: np.ndarray
+    arrival_s: float
+    deadline_ms: float | None
+    column: int | None = None
+    precision: str = "fp32"
+    min_confidence: float | None = None
+
+    @property
+    def deadline_s(self) -> float:
+        return math.inf if self.deadline_ms is None else self.arrival_s + self.deadline_ms / 1000
+
+
+@dataclass(frozen=True)
+class ColumnAnswer:
+    variant: VariantRuntime
+    probabilities: np.ndarray
+    queue_ms: float
+    inference_ms: float
+    elapsed_ms: float
+
+    @property
+    def confidence(self) -> float:
+        """The least confident image's top probability (a request is as sure as its worst)."""
+        return float(self.probabilities.max(axis=1).min())
+
+
+@dataclass
+class Answer:
+    model: LoadedModel
+    final: ColumnAnswer
+    deadline_ms: float | None
+    elapsed_ms: float
+    columns_run: list[int] = field(default_factory=list)
+    reason: str = "deepest"
+
+    @property
+    def deadline_met(self) -> bool:
+        return self.deadline_ms is None or self.elapsed_ms <= self.deadline_ms
+
+
+StreamEvent = tuple[str, ColumnAnswer | Answer]
+
+
+class Engine:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.model: LoadedModel | None = None
+        self.draining = False
+        self._reload_lock = asyncio.Lock()
+        self.batcher = Batcher(
+            clock,
+            settings.max_batch_size,
+            settings.max_batch_wait_ms,
+            settings.inference_workers,
+            self._queue_changed,
+            self._batch_done,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and not self.draining
+
+    async def start(self) -> None:
+        self.batcher.start()
+        await self.load(self.settings.model_path)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    async def load(self, path: Path) -> LoadedModel:
+        """Load, check and warm a bundle beside the current one, then swap atomically.
+        In-flight work keeps the variants it was queued on; a failure leaves the old model."""
+        async with self._reload_lock:
+            new = await asyncio.to_thread(load_model, path, self.settings)
+            self.model = new
+            self.metrics.model_info.info(
+                {"name": new.name, "version": new.manifest.version, "columns": str(new.columns)}
+            )
+            self.metrics.ready.set(1)
+            return new
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work, and wait (up to `grace_s`) for queued and running work."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        end = self.clock() + grace_s
+        while not self.batcher.idle() and self.clock() < end:
+            await asyncio.sleep(0.01)
+
+    # -- admission ----------------------------------------------------------------------
+    def _model(self) -> LoadedModel:
+        if self.draining:
+            raise Unavailable("server is shutting down", "draining", self.settings.retry_after_s)
+        if self.model is None:
+            raise Unavailable("model not loaded yet", "not_ready", self.settings.retry_after_s)
+        return self.model
+
+    def _completion(self, request: Request, model: LoadedModel) -> Callable[[Candidate], float]:
+        ahead = self.batcher.ahead_of(request.deadline_s)
+        running = self.batcher.running_remaining_ms()
+        n = int(request.images.shape[0])
+
+        def cost(key: str, size: int) -> float:
+            variant = model.variants.get(key)
+            return variant.predict_ms(size) if variant is not None else 0.0
+
+        def completion(c: Candidate) -> float:
+            return predict_completion_ms(
+                c.key,
+                n,
+                ahead,
+                running,
+                cost,
+                self.settings.max_batch_size,
+                self.settings.inference_workers,
+            )
+
+        return completion
+
+    def _remaining_ms(self, request: Request) -> float:
+        if request.deadline_ms is None:
+            return math.inf
+        left = (request.deadline_s - self.clock()) * 1000.0
+        return left - self.settings.deadline_margin_ms
+
+    def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
+        if request.column is None:
+            return [v.candidate for v in model.variants.values()]
+        variant = model.find(request.column, request.precision)
+        if variant is None:
+            raise BadRequest(
+                f"no variant column={request.column} precision={request.precision}; "
+                f"the model has columns 1..{model.columns}"
+            )
+        return [variant.candidate]
+
+    def _shed(self, request: Request, why: str) -> Unavailable:
+        self.metrics.deadline_outcomes.labels("shed").inc()
+        return Unavailable(why, "deadline", self.settings.retry_after_s)
+
+    def _check_queue(self, request: Request) -> None:
+        if self.batcher.queued_images + request.images.shape[0] > self.settings.queue_limit_images:
+            self.metrics.deadline_outcomes.labels("shed").inc()
+            raise Unavailable("queue full", "queue_full", self.settings.retry_after_s)
+
+    async def _run(self, request: Request, variant: VariantRuntime, late_ok: bool) -> ColumnAnswer:
+        job = Job(
+            variant, request.images, request.deadline_s, self.clock(), drop_when_late=not late_ok
+        )
+        result: JobResult = await self.batcher.submit(job)
+        return ColumnAnswer(
+            variant,
+            result.probabilities,
+            result.queue_ms,
+            result.inference_ms,
+            (self.clock() - request.arrival_s) * 1000.0,
+        )
+
+    async def _run_counted(
+        self, request: Request, variant: VariantRuntime, late_ok: bool
+    ) -> ColumnAnswer:
+        """`_run` for a request's first run: dropped as late while queued counts as shed."""
+        try:
+            return await self._run(request, variant, late_ok)
+        except Unavailable:
+            self.metrics.deadline_outcomes.labels("shed").inc()
+            raise
+
+    # -- single answer ------------------------------------------------------------------
+    async def classify(self, request: Request) -> Answer:
+        model = self._model()
+        self._check_queue(request)
+        if request.min_confidence is not None and request.column is None:
+            return await self._cascade(request, model)
+        candidates = self._candidates(request, model)
+        completion = self._completion(request, model)
+        remaining = self._remaining_ms(request)
+        choice = choose_variant(candidates, remaining, completion)
+        late_ok = self.settings.best_effort
+        if choice is None:
+            if not late_ok:
+                raise self._shed(request, "no column can answer within the deadline")
+            choice = min(candidates, key=lambda c: (c.column, c.precision != "fp32"))
+        variant = model.variants[choice.key]
+        answer = await self._run_counted(request, variant, late_ok or request.deadline_ms is None)
+        return self._finish(model, request, answer, [variant.column], "deepest")
+
+    async def _cascade(self, request: Request, model: LoadedModel) -> Answer:
+        """The progressive plan without the intermediate events: its `done` answer."""
+        async for kind, item in self._progressive(request, model):
+            if kind == "done":
+                assert isinstance(item, Answer)
+                return item
+        raise RuntimeError("progressive answer ended without `done`")
+
+    # -- progressive answers ------------------------------------------------------------
+    async def stream(self, request: Request) -> AsyncGenerator[StreamEvent, None]:
+        """`prediction` events (column 1 first, then deeper ones that fit), then `done`.
+
+        Raises Unavailable before yielding anything when column 1 cannot answer in time."""
+        model = self._model()
+        self._check_queue(request)
+        async for event in self._progressive(request, model):
+            yield event
+
+    async def _progressive(
+        self, request: Request, model: LoadedModel
+    ) -> AsyncIterator[StreamEvent]:
+        columns = [model.fp32(k).candidate for k in range(1, model.columns + 1)]
+        first = columns[0]
+        remaining = self._remaining_ms(request)
+        if self._completion(request, model)(first) > remaining and not self.settings.best_effort:
+            raise self._shed(request, "column 1 cannot answer within the deadline")
+        late_ok = self.settings.best_effort or request.deadline_ms is None
+        answer = await self._run_counted(request, model.variants[first.key], late_ok)
+        run = [1]
+        yield "prediction", answer
+        reason = "deepest"
+        while True:
+            threshold = request.min_confidence
+            if threshold is not None and answer.confidence >= threshold:
+                reason = "confident" if answer.variant.column < model.columns else "deepest"
+                if reason == "confident":
+                    self.metrics.cascade_exits.labels(str(answer.variant.column)).inc()
+                break
+            if answer.variant.column == model.columns:
+                break
+            nxt = next_stream_column(
+                columns,
+                answer.variant.column,
+                self._remaining_ms(request),
+                self._completion(request, model),
+            )
+            if nxt is None:
+                reason = "deadline"
+                break
+            try:
+                answer = await self._run(request, model.variants[nxt.key], late_ok)
+            except Unavailable:  # it fell behind while queued: the last answer stands
+                reason = "deadline"
+                break
+            run.append(nxt.column)
+            yield "prediction", answer
+        yield "done", self._finish(model, request, answer, run, reason)
+
+    # -- accounting ---------------------------------------------------------------------
+    def _finish(
+        self, model: LoadedModel, request: Request, final: ColumnAnswer, run: list[int], reason: str
+    ) -> Answer:
+        elapsed = (self.clock() - request.arrival_s) * 1000.0
+        answer = Answer(model, final, request.deadline_ms, elapsed, run, reason)
+        v = final.variant
+        self.metrics.column_served.labels(str(v.column), v.precision).inc()
+        if v.spec.accuracy is not None:
+            self.metrics.served_accuracy.observe(v.spec.accuracy)
+        if request.deadline_ms is not None:
+            self.metrics.deadline_ratio.observe(elapsed / request.deadline_ms)
+            self.metrics.deadline_outcomes.labels("met" if answer.deadline_met else "missed").inc()
+        return answer
+
+    def _queue_changed(self, variant: Runnable, images: int) -> None:
+        assert isinstance(variant, VariantRuntime)
+        self.metrics.queue_depth.labels(str(variant.column), variant.precision).set(images)
+
+    def _batch_done(self, variant: Runnable, n: int, ms: float) -> None:
+        assert isinstance(variant, VariantRuntime)
+        col, prec = str(variant.column), variant.precision
+        self.metrics.batch_size.labels(col, prec).observe(n)
+        self.metrics.inference_duration.labels(col, prec, str(n)).observe(ms / 1000.0)

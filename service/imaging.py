@@ -1,0 +1,74 @@
+"""Image decoding and resizing to the model's input, with limits on what is accepted."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+IMAGE_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/jpg",
+        "image/webp",
+        "image/bmp",
+        "image/gif",
+        "application/octet-stream",
+    }
+)
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def check_image_type(content_type: str | None) -> None:
+    kind = media_type(content_type)
+    if kind not in IMAGE_TYPES:
+        accepted = ", ".join(sorted(IMAGE_TYPES | {"application/json"}))
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {kind or '(none)'!r}; send one of: {accepted}"
+        )
+
+
+def decode_image(data: bytes, height: int, width: int, max_pixels: int) -> np.ndarray:
+    """uint8 [height, width, 3]: RGB, resized with Pillow's bilinear filter (antialiased
+    when shrinking), aspect ratio not kept. Errors are 400 (undecodable) or 413 (too big)."""
+    if not data:
+        raise BadRequest("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise PayloadTooLarge(
+                        f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
+                    )
+                img.draft("RGB", (width, height))  # JPEG: decode at reduced scale if possible
+                rgb = img.convert("RGB")
+                if rgb.size != (width, height):
+                    rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+                return np.asarray(rgb, dtype=np.uint8)
+    except PayloadTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image rejected as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadRequest(f"cannot decode image: {exc.__class__.__name__}") from exc
+
+
+def decode_base64(text: object, what: str = "image") -> bytes:
+    if not isinstance(text, str):
+        raise BadRequest(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"{what} is not valid base64") from exc

@@ -1,0 +1,102 @@
+"""Prometheus metrics on a registry owned by the app (names: docs/metrics.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Milliseconds matter here: buckets from 0.5 ms to 10 s.
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1, 1.25, 1.5, 2.0, 5.0)
+ACCURACY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fractal_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "fractal_request_duration_seconds",
+            "Request latency, arrival to response",
+            ["endpoint", "column"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "fractal_inference_duration_seconds",
+            "One onnxruntime run",
+            ["column", "precision", "batch_size"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "fractal_batch_size",
+            "Images per onnxruntime run",
+            ["column", "precision"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "fractal_queue_depth", "Images waiting per variant", ["column", "precision"], registry=r
+        )
+        self.deadline_outcomes = Counter(
+            "fractal_deadline_outcomes",
+            "Requests with a deadline by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.deadline_ratio = Histogram(
+            "fractal_deadline_ratio",
+            "Latency divided by the request's deadline",
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.column_served = Counter(
+            "fractal_column_served",
+            "Answers served by each variant",
+            ["column", "precision"],
+            registry=r,
+        )
+        self.served_accuracy = Histogram(
+            "fractal_served_accuracy",
+            "Manifest accuracy of the variant behind each answer",
+            buckets=ACCURACY_BUCKETS,
+            registry=r,
+        )
+        self.cascade_exits = Counter(
+            "fractal_cascade_exits",
+            "Cascades that stopped early, by column",
+            ["column"],
+            registry=r,
+        )
+        self.model_info = Info("fractal_model", "The model being served", registry=r)
+        self.ready = Gauge("fractal_ready", "1 when the server reports ready", registry=r)
+        for outcome in ("met", "missed", "shed"):
+            self.deadline_outcomes.labels(outcome)

@@ -1,0 +1,106 @@
+"""ASGI middleware: arrival time, request id, metrics and one JSON access-log line.
+
+Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
+request is timed to its last byte (for a stream: the `done` event).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+access_log = logging.getLogger("service.access")
+
+UNTIMED_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is sane, else a fresh one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.match(text):
+                return text
+    return uuid.uuid4().hex
+
+
+class ObservabilityMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        log_json: bool = True,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.clock = clock
+        self.log_json = log_json
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = self.clock()
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["arrival_s"] = start
+        request_id = request_id_from(scope.get("headers", []))
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._record(scope, state, status, start)
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, start: float) -> None:
+        path = scope.get("path", "")
+        if path in UNTIMED_PATHS:
+            return
+        elapsed = self.clock() - start
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        column = str(state.get("column", "none"))
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(endpoint, column).observe(elapsed)
+        record = {
+            "request_id": state.get("request_id"),
+            "method": scope.get("method"),
+            "path": path,
+            "status": status,
+            "duration_ms": round(elapsed * 1000.0, 3),
+            "column": column,
+            "deadline_ms": state.get("deadline_ms"),
+            "outcome": state.get("outcome"),
+            "client": (scope.get("client") or ("", 0))[0],
+        }
+        if self.log_json:
+            access_log.info(json.dumps(record))
+        else:
+            access_log.info(
+                "%s %s %s %.1fms column=%s",
+                record["method"],
+                path,
+                status,
+                record["duration_ms"],
+                column,
+            )

@@ -1,0 +1,119 @@
+"""Turning HTTP input into engine requests: headers, bodies, limits. Shared by both APIs."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from service.errors import BadRequest, PayloadTooLarge
+from service.imaging import check_image_type, decode_base64, decode_image, media_type
+from service.model import LoadedModel
+from service.settings import Settings
+
+
+def parse_deadline_ms(value: str | None, default: float | None) -> float | None:
+    """X-Deadline-Ms: a positive, finite number of milliseconds."""
+    if value is None:
+        return default
+    try:
+        ms = float(value)
+    except ValueError:
+        raise BadRequest(f"X-Deadline-Ms must be a positive number of ms, got {value!r}") from None
+    if not math.isfinite(ms) or ms <= 0:
+        raise BadRequest(f"X-Deadline-Ms must be a positive number of ms, got {value!r}")
+    return ms
+
+
+def parse_column(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        column = int(value)
+    except ValueError:
+        raise BadRequest(f"X-Column must be a column number, got {value!r}") from None
+    if column < 1:
+        raise BadRequest(f"X-Column must be at least 1, got {column}")
+    return column
+
+
+def parse_precision(value: str | None) -> str:
+    if value is None:
+        return "fp32"
+    if value not in ("fp32", "int8"):
+        raise BadRequest(f"X-Precision must be fp32 or int8, got {value!r}")
+    return value
+
+
+def parse_confidence(value: str | float | None, name: str = "X-Min-Confidence") -> float | None:
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise BadRequest(f"{name} must be a number in [0, 1], got {value!r}")
+    return threshold
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"body of {declared} bytes is over the {limit} byte limit")
+        except ValueError:
+            raise BadRequest("invalid Content-Length") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def images_from_body(
+    body: bytes, content_type: str | None, model: LoadedModel, settings: Settings
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] from raw image bytes or JSON {"image"} / {"images": [...]}."""
+    spec = model.manifest.input
+    kind = media_type(content_type)
+    if kind == "application/json":
+        return _images_from_json(body, spec.height, spec.width, settings)
+    check_image_type(content_type)
+    image = decode_image(body, spec.height, spec.width, settings.max_image_pixels)
+    return image[None]
+
+
+def _images_from_json(body: bytes, height: int, width: int, settings: Settings) -> np.ndarray:
+    try:
+        payload: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest('JSON body must be an object with "image" or "images"')
+    if "image" in payload and "images" in payload:
+        raise BadRequest('send either "image" or "images", not both')
+    if "image" in payload:
+        items = [payload["image"]]
+    elif "images" in payload:
+        items = payload["images"]
+        if not isinstance(items, list) or not items:
+            raise BadRequest('"images" must be a non-empty list of base64 strings')
+    else:
+        raise BadRequest('JSON body must have "image" or "images"')
+    if len(items) > settings.max_images_per_request:
+        raise PayloadTooLarge(
+            f"{len(items)} images; the limit is {settings.max_images_per_request} per request"
+        )
+    decoded = [
+        decode_image(decode_base64(item, f"images[{i}]"), height, width, settings.max_image_pixels)
+        for i, item in enumerate(items)
+    ]
+    return np.stack(decoded)

@@ -1,0 +1,1 @@
+"""HTTP front ends: thin routes over `service.engine`."""

@@ -1,0 +1,58 @@
+"""`POST /admin/reload`: swap in the configured bundle or another under the models root.
+
+Off (404) unless FRACTAL_ADMIN_TOKEN is set; the bearer token is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from service.bundle import BundleError
+from service.deps import EngineDep, SettingsDep, bearer_token, token_matches
+from service.errors import BadRequest, NotFound, Unauthorized, Unprocessable
+from service.requests import read_body
+
+router = APIRouter(prefix="/admin", tags=["admin"], include_in_schema=False)
+
+
+def resolve_bundle(name: str | None, model_path: Path, models_root: Path | None) -> Path:
+    """The folder to load: the configured path, or `name` directly under the models root."""
+    if name is None:
+        return model_path
+    if models_root is None:
+        raise BadRequest("no models root configured (FRACTAL_MODELS_ROOT)")
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise BadRequest("model must be a folder name under the models root")
+    return models_root / name
+
+
+@router.post("/reload")
+async def reload(request: Request, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    if settings.admin_token is None:
+        raise NotFound("not found")
+    if not token_matches(bearer_token(request), (settings.admin_token.get_secret_value(),)):
+        raise Unauthorized("missing or invalid admin token")
+    body = await read_body(request, 64 * 1024)
+    name = None
+    if body.strip():
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError:
+            raise BadRequest('body must be JSON like {"model": "name"}') from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("model", ""), str):
+            raise BadRequest('body must be JSON like {"model": "name"}')
+        name = payload.get("model")
+    path = resolve_bundle(name, settings.model_path, settings.models_root)
+    try:
+        model = await engine.load(path)
+    except BundleError as exc:
+        raise Unprocessable(f"bundle refused, still serving the previous model: {exc}") from exc
+    return {
+        "loaded": model.name,
+        "version": model.manifest.version,
+        "variants": list(model.variants),
+    }

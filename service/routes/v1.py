@@ -1,0 +1,152 @@
+"""`/v1`: classify (JSON or Server-Sent Events) and model information."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service.deps import EngineDep, InferenceAccess, SettingsDep
+from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
+from service.engine import Request as EngineRequest
+from service.errors import NotFound, ServiceError
+from service.requests import (
+    images_from_body,
+    parse_column,
+    parse_confidence,
+    parse_deadline_ms,
+    parse_precision,
+    read_body,
+)
+from service.responses import answer_body, column_event, done_event, model_card
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "byte"},
+                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                    },
+                }
+            },
+        },
+    },
+}
+
+
+@router.post(
+    "/classify",
+    dependencies=[InferenceAccess],
+    openapi_extra=CLASSIFY_BODY,
+    responses={200: {"description": "the answer (JSON) or a text/event-stream"}},
+)
+async def classify(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    state = request.state
+    arrival = getattr(state, "arrival_s", engine.clock())
+    headers = request.headers
+    deadline = parse_deadline_ms(headers.get("x-deadline-ms"), settings.default_deadline_ms)
+    column = parse_column(headers.get("x-column"))
+    precision = parse_precision(headers.get("x-precision"))
+    threshold = parse_confidence(headers.get("x-min-confidence"))
+    state.deadline_ms = deadline
+    model = engine.model
+    if model is None:
+        engine._model()  # raises the not-ready 503
+        raise AssertionError
+    body = await read_body(request, settings.max_body_bytes)
+    images = images_from_body(body, headers.get("content-type"), model, settings)
+    req = EngineRequest(images, arrival, deadline, column, precision, threshold)
+    if "text/event-stream" in headers.get("accept", ""):
+        return await _stream(request, engine, req)
+    try:
+        answer = await engine.classify(req)
+    except ServiceError as exc:
+        state.outcome = getattr(exc, "reason", "error")
+        raise
+    _note(request, answer)
+    final = answer.final
+    return JSONResponse(
+        answer_body(answer, threshold),
+        headers={
+            "X-Fractal-Column": str(final.variant.column),
+            "Server-Timing": f"queue;dur={final.queue_ms:.3f}, "
+            f"inference;dur={final.inference_ms:.3f}",
+        },
+    )
+
+
+def _note(request: Request, answer: Answer) -> None:
+    request.state.column = answer.final.variant.column
+    request.state.outcome = "met" if answer.deadline_met else "missed"
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _stream(request: Request, engine: Engine, req: EngineRequest) -> Response:
+    events: AsyncGenerator[StreamEvent, None] = engine.stream(req)
+    try:
+        first = await anext(events)  # a 503 here is still a plain JSON answer
+    except ServiceError as exc:
+        request.state.outcome = getattr(exc, "reason", "error")
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        event: StreamEvent | None = first
+        try:
+            while event is not None:
+                yield _render(request, event, req.deadline_ms)
+                event = await anext(events, None)
+        except ServiceError as exc:
+            yield sse("error", {"error": exc.message})
+        except Exception:
+            yield sse("error", {"error": "internal error"})
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _render(request: Request, event: StreamEvent, deadline_ms: float | None) -> bytes:
+    kind, item = event
+    if isinstance(item, ColumnAnswer):
+        request.state.column = item.variant.column
+        return sse(kind, column_event(item, deadline_ms))
+    assert isinstance(item, Answer)
+    _note(request, item)
+    return sse(kind, done_event(item))
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep) -> dict[str, Any]:
+    model = engine.model
+    return {"models": [] if model is None else [_card(engine)]}
+
+
+@router.get("/models/{name}")
+async def get_model(name: str, engine: EngineDep) -> dict[str, Any]:
+    if engine.model is None or engine.model.name != name:
+        raise NotFound(f"no model named {name!r}")
+    return _card(engine)
+
+
+def _card(engine: Engine) -> dict[str, Any]:
+    assert engine.model is not None
+    depth = {v.key: engine.batcher.queued_for(v) for v in engine.model.variants.values()}
+    return model_card(engine.model, depth, engine.ready)

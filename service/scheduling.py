@@ -1,0 +1,148 @@
+"""Pure scheduling decisions: which variant, which next column, when to run a batch.
+
+Nothing here reads a clock or touches a queue: callers pass `now` and snapshots, so every
+decision is unit-tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+CostFn = Callable[[str, int], float]
+"""(variant key, images in one run) -> predicted milliseconds."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str
+    column: int
+    precision: str
+    accuracy: float | None
+
+    def rank(self) -> tuple[float, int, int]:
+        """Higher is better: manifest accuracy, then depth, then fp32 over int8."""
+        return (
+            self.accuracy if self.accuracy is not None else -1.0,
+            self.column,
+            int(self.precision == "fp32"),
+        )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Images of one variant already queued with a deadline at or before ours."""
+
+    key: str
+    images: int
+
+
+def predict_completion_ms(
+    key: str,
+    images: int,
+    ahead: Sequence[Waiting],
+    running_remaining_ms: float,
+    cost: CostFn,
+    max_batch: int,
+    workers: int = 1,
+) -> float:
+    """Predicted ms until a request of `images` for `key` completes.
+
+    Work ahead (earliest deadline first) costs its amortised share of the batches it will
+    form; work of the same variant rides in our batch, up to `max_batch` images.
+    """
+    same = sum(w.images for w in ahead if w.key == key)
+    other = 0.0
+    for w in ahead:
+        if w.key != key and w.images > 0:
+            batch = min(w.images, max_batch)
+            other += cost(w.key, batch) * w.images / batch
+    full_batches, rest = divmod(same, max_batch)
+    if rest + images > max_batch:
+        full_batches, rest = full_batches + 1, 0
+    own = full_batches * cost(key, max_batch) + cost(key, rest + images)
+    return running_remaining_ms + other / max(workers, 1) + own
+
+
+def choose_variant(
+    candidates: Sequence[Candidate], budget_ms: float, completion_ms: Callable[[Candidate], float]
+) -> Candidate | None:
+    """The candidate with the highest manifest accuracy predicted to finish in budget."""
+    fitting = [c for c in candidates if completion_ms(c) <= budget_ms]
+    return max(fitting, key=Candidate.rank) if fitting else None
+
+
+def next_stream_column(
+    candidates: Sequence[Candidate],
+    last_column: int,
+    remaining_ms: float,
+    completion_ms: Callable[[Candidate], float],
+) -> Candidate | None:
+    """The next column of a progressive answer, or None when nothing deeper fits.
+
+    Aim at the deepest column that still fits; on the way, run a shallower one only when
+    it and the target both fit one after the other (a middle column never costs the deeper
+    answer its place).
+    """
+    deeper = sorted((c for c in candidates if c.column > last_column), key=lambda c: c.column)
+    fits = [c for c in deeper if completion_ms(c) <= remaining_ms]
+    if not fits:
+        return None
+    target = fits[-1]
+    for c in fits:
+        if c is target or completion_ms(c) + completion_ms(target) <= remaining_ms:
+            return c
+    return target
+
+
+@dataclass(frozen=True)
+class Queued:
+    deadline_s: float
+    images: int
+    enqueued_s: float
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run the first `count` queued items now, or wait until `wait_until_s`."""
+
+    count: int
+    wait_until_s: float | None = None
+
+
+def plan_batch(
+    queue: Sequence[Queued],
+    now_s: float,
+    cost_ms: Callable[[int], float],
+    max_batch: int,
+    max_wait_ms: float,
+) -> Dispatch:
+    """Which queued items (in deadline order) form the next batch, and whether to wait.
+
+    Take items in earliest-deadline order while they fit in `max_batch` images. A full
+    batch runs at once; otherwise it may wait for company up to `max_wait_ms` after its
+    oldest member arrived, but never past the latest start of its most urgent member
+    (deadline minus the predicted run time).
+    """
+    count, images = 0, 0
+    for item in queue:
+        if count and images + item.images > max_batch:
+            break
+        count, images = count + 1, images + item.images
+    if count == 0:
+        return Dispatch(0)
+    if images >= max_batch or max_wait_ms <= 0:
+        return Dispatch(count)
+    oldest = min(item.enqueued_s for item in queue[:count])
+    urgent = min(item.deadline_s for item in queue[:count])
+    latest_start = urgent - cost_ms(min(images + 1, max_batch)) / 1000.0
+    wait_until = min(oldest + max_wait_ms / 1000.0, latest_start)
+    if now_s >= wait_until or math.isnan(wait_until):
+        return Dispatch(count)
+    return Dispatch(count, wait_until_s=wait_until)
+
+
+def pick_queue(heads: dict[str, float]) -> str | None:
+    """Earliest deadline first across variants: the key whose head is most urgent."""
+    return min(heads, key=lambda k: heads[k]) if heads else None

@@ -1,0 +1,77 @@
+"""Server settings, from the environment (prefix FRACTAL_) or `fractal serve` options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FRACTAL_", extra="ignore", frozen=True)
+
+    model_path: Path = Path("models/cifar10")
+    """Bundle folder served at start and re-read on SIGHUP."""
+    models_root: Path | None = None
+    """Folder of bundles that POST /admin/reload may switch to (by folder name)."""
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port to bind."""
+
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    """onnxruntime execution providers: auto = CUDA where available, else CPU."""
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    """Threads per onnxruntime run; None: the CPUs this process may use."""
+    inference_workers: int = Field(default=1, ge=1, le=16)
+    """Batches run at once (each on its own thread)."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    """Most images in one onnxruntime run."""
+    max_batch_wait_ms: float = Field(default=2.0, ge=0)
+    """Longest a batch waits for company (never past its most urgent member's slack)."""
+    queue_limit_images: int = Field(default=512, ge=1)
+    """Images that may wait across all variants before new work is refused (503)."""
+    default_deadline_ms: float | None = Field(default=None, gt=0)
+    """Deadline for requests without X-Deadline-Ms; None: no deadline (deepest column)."""
+    best_effort: bool = False
+    """Answer late with column 1 (marked missed) instead of refusing with 503."""
+    deadline_margin_ms: float = Field(default=0.5, ge=0)
+    """Safety margin subtracted from every budget when predicting completion."""
+    retry_after_s: int = Field(default=1, ge=0)
+    """Retry-After seconds on 503 and 429 answers."""
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (413 above)."""
+    max_image_pixels: int = Field(default=16_000_000, ge=1)
+    """Largest decoded image (width x height) accepted (413 above)."""
+    max_images_per_request: int = Field(default=32, ge=1)
+    """Most images in one JSON request (413 above)."""
+
+    profile_repeats: int = Field(default=15, ge=1)
+    """Timed runs per (variant, batch size) in the start-up latency profile."""
+    profile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    """Batch sizes profiled at start-up."""
+    latency_profile_path: Path | None = None
+    """JSON {variant_key: {batch_size: ms}} to use instead of measuring (deterministic tests)."""
+    latency_learning: bool = True
+    """Update latency estimates from observed runs (off: keep the profile as is)."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for POST /admin/reload; unset: the admin endpoint is off."""
+    api_tokens: tuple[SecretStr, ...] = ()
+    """Bearer tokens accepted on inference endpoints; empty: no authentication."""
+    api_tokens_file: Path | None = None
+    """File with one inference token per line (added to api_tokens)."""
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
+    """Per-client request rate (token bucket, burst = 2 s worth); None: unlimited."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed by CORS; empty: CORS off."""
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM, how long in-flight requests and streams may take to finish."""
+    log_json: bool = True
+    """Structured JSON access logs (off: uvicorn's plain lines)."""
+    log_level: str = "info"
+    """Logging level."""

@@ -1,0 +1,76 @@
+"""Request headers and answer parsing shared by the generator and the Locust file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtest.protocol import (
+    Answer,
+    answer_from_done,
+    answer_from_error,
+    answer_from_json,
+    classify_headers,
+    column_count,
+    error_text,
+    parse_sse,
+)
+
+
+def test_headers() -> None:
+    assert classify_headers("image/jpeg", 12.5, None, False) == {
+        "Content-Type": "image/jpeg", "X-Deadline-Ms": "12.500",
+    }  # fmt: skip
+    h = classify_headers("image/png", float("nan"), 3, True)
+    assert h == {"Content-Type": "image/png", "X-Column": "3", "Accept": "text/event-stream"}
+    assert "X-Deadline-Ms" not in classify_headers("image/png", None, None, False)
+
+
+def test_sse_events_and_final_answer() -> None:
+    final = {"column": 3, "class_name": "cat", "confidence": 0.9}
+    text = (
+        ": a comment\n"
+        "event: prediction\n"
+        'data: {"column": 1, "class_name": "dog"}\n'
+        "\n"
+        "event: done\n"
+        f"data: {json.dumps({'final': final, 'reason': 'deepest'})}\n"
+        "\n"
+    )
+    events = parse_sse(text.split("\n"))
+    assert [e.name for e in events] == ["prediction", "done"]
+    assert answer_from_done(events[1]) == Answer(column=3, class_name="cat")
+
+
+def test_sse_multiline_data_and_unterminated_event() -> None:
+    events = parse_sse(["data: a", "data: b"])
+    assert len(events) == 1 and events[0].name == "message" and events[0].data == "a\nb"
+
+
+def test_error_and_bad_answers() -> None:
+    (event,) = parse_sse(["event: error", 'data: {"error": "runtime failed"}', ""])
+    assert answer_from_error(event).error == "stream:runtime failed"
+    assert answer_from_json({"column": 1}).error is not None
+    assert answer_from_json([1, 2]).error is not None
+    (done,) = parse_sse(["event: done", "data: not json", ""])
+    assert answer_from_done(done).error is not None
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "text"),
+    [
+        (503, b'{"error": "too slow", "reason": "deadline"}', "shed:deadline"),
+        (400, b'{"error": "bad X-Deadline-Ms"}', "400:bad X-Deadline-Ms"),
+        (502, b"<html>", "502"),
+    ],
+)
+def test_error_text(status: int, body: bytes, text: str) -> None:
+    assert error_text(status, body) == text
+
+
+def test_column_count() -> None:
+    payload = {"models": [{"variants": [{"column": 1}, {"column": 2}, {"column": 2}]}]}
+    assert column_count(payload) == 2
+    with pytest.raises(ValueError):
+        column_count({"models": []})

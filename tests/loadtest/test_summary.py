@@ -1,0 +1,127 @@
+"""Summary math on a hand-made results list, including the hit-rate definition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtest.generator import Result
+from loadtest.report import deadline_bins, format_table, read_csv, summarize, write_csv
+
+
+def ok(index: int, latency: float, deadline: float | None, column: int, right: bool) -> Result:
+    r = Result(index, 0, index * 0.1, "cat", deadline, send_s=index * 0.1 + 0.001)
+    r.status, r.latency_ms, r.column = 200, latency, column
+    r.predicted = "cat" if right else "dog"
+    r.correct = right
+    r.deadline_met = deadline is None or latency <= deadline
+    return r
+
+
+def synthetic() -> list[Result]:
+    results = [
+        ok(0, 10.0, 20.0, 1, False),  # in time, wrong
+        ok(1, 15.0, 20.0, 2, True),  # in time, right
+        ok(2, 30.0, 20.0, 2, True),  # late, right
+        ok(3, 40.0, 50.0, 3, True),  # in time, right
+        ok(4, 5.0, None, 1, True),  # no deadline: a 2xx answer is a hit
+    ]
+    shed = Result(5, 0, 0.5, "cat", 10.0, send_s=0.501, status=503, latency_ms=2.0,
+                  error="shed:deadline")  # fmt: skip
+    failed = Result(6, 1, 0.6, "cat", 10.0, send_s=0.6, status=500, latency_ms=1.0, error="500")
+    timeout = Result(7, 1, 0.7, "cat", 10.0, send_s=0.7, latency_ms=9000.0, error="timeout")
+    dropped = Result(8, 1, 0.8, "cat", 10.0, dropped=True)
+    dropped2 = Result(9, 1, 0.9, "cat", 10.0, dropped=True)
+    return [*results, shed, failed, timeout, dropped, dropped2]
+
+
+def test_counts_add_up() -> None:
+    s = summarize(synthetic(), offered_rate_rps=10.0, duration_s=1.0)
+    c = s["counts"]
+    assert c == {
+        "scheduled": 10, "sent": 8, "completed": 5, "dropped": 2, "shed": 1, "errors": 2,
+        "deadline_met": 3 + 1,
+    }  # fmt: skip
+    assert c["scheduled"] == c["sent"] + c["dropped"]
+    assert c["sent"] == c["completed"] + c["shed"] + c["errors"]
+
+
+def test_hit_rate_counts_every_scheduled_request() -> None:
+    s = summarize(synthetic(), offered_rate_rps=10.0, duration_s=1.0)
+    # Hits: #0, #1, #3 (in time) and #4 (no deadline). Late, shed, failed, timed out and
+    # dropped requests are all misses, and all ten are in the denominator.
+    assert s["deadline_hit_rate"] == pytest.approx(4 / 10)
+    assert s["shed_rate"] == pytest.approx(1 / 10)
+    assert s["drop_rate"] == pytest.approx(2 / 10)
+    assert s["error_rate"] == pytest.approx(2 / 10)
+    assert s["correct_in_time_rate"] == pytest.approx(3 / 10)  # 1, 3, 4
+
+
+def test_accuracy_overall_and_per_column() -> None:
+    s = summarize(synthetic(), offered_rate_rps=10.0, duration_s=1.0)
+    assert s["accuracy"] == pytest.approx(4 / 5)
+    assert s["columns_served"] == {"1": 2, "2": 2, "3": 1}
+    by = s["accuracy_by_column"]
+    assert by["1"]["accuracy"] == pytest.approx(0.5)
+    assert by["2"]["accuracy"] == 1.0 and by["3"]["accuracy"] == 1.0
+    assert sum(v["answers"] for v in by.values()) == s["counts"]["completed"]
+
+
+def test_latency_percentiles_use_completed_answers_only() -> None:
+    s = summarize(synthetic(), offered_rate_rps=10.0, duration_s=1.0)
+    # Completed latencies: 5, 10, 15, 30, 40 (numpy's linear interpolation).
+    assert s["latency_ms"]["p50"] == pytest.approx(15.0)
+    assert s["latency_ms"]["p99"] == pytest.approx(39.6)
+    assert s["stream_first_answer_ms"] is None
+
+
+def test_rates() -> None:
+    results = synthetic()
+    s = summarize(results, offered_rate_rps=10.0, duration_s=1.0)
+    assert s["scheduled_rate_rps"] == pytest.approx(10.0)
+    # The timed-out request ends 9 s after its scheduled time: the window stretches to it.
+    assert s["achieved_rate_rps"] == pytest.approx(5 / 9.7, abs=1e-3)
+    assert s["send_lag_ms"]["max"] == pytest.approx(1.0)
+    assert s["error_kinds"] == {"500": 1, "timeout": 1}
+
+
+def test_stream_first_answer_percentiles() -> None:
+    results = synthetic()
+    for r, first in zip(results[:4], (3.0, 4.0, 5.0, 6.0), strict=False):
+        r.first_answer_ms = first
+    s = summarize(results, offered_rate_rps=10.0, duration_s=1.0)
+    assert s["stream_first_answer_ms"]["p50"] == pytest.approx(4.5)
+
+
+def test_empty_and_all_dropped_runs() -> None:
+    s = summarize([Result(0, 0, 0.0, "cat", 5.0, dropped=True)], 1.0, 1.0)
+    assert s["deadline_hit_rate"] == 0.0 and s["accuracy"] is None
+    assert s["latency_ms"]["p50"] is None
+    assert "dropped" in format_table(s)
+
+
+def test_deadline_bins() -> None:
+    bins = deadline_bins(synthetic(), bins=2)
+    assert sum(b["requests"] for b in bins) == 9  # #4 had no deadline
+    low, high = bins
+    assert (low["low_ms"], high["high_ms"]) == (10.0, 50.0)
+    assert high["requests"] == 1 and high["hit_rate"] == 1.0
+    assert low["hit_rate"] == pytest.approx(2 / 8)
+    assert deadline_bins([Result(0, 0, 0.0, "cat", None)]) == []
+
+
+def test_csv_round_trip(tmp_path: Path) -> None:
+    results = synthetic()
+    results[0].first_answer_ms = 3.25
+    path = tmp_path / "results.csv"
+    write_csv(path, results)
+    back = read_csv(path)
+    assert back == results
+    assert summarize(back, 10.0, 1.0) == summarize(results, 10.0, 1.0)
+
+
+def test_table_shows_the_key_figures() -> None:
+    table = format_table(summarize(synthetic(), offered_rate_rps=10.0, duration_s=1.0))
+    for text in ("deadline hit rate", "0.4", "shed (503)", "column 2", "p99"):
+        assert text in table

@@ -1,0 +1,121 @@
+"""The exported bundle: parity, manifest schema, hashes, refusal of broken bundles, int8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import FractalConfig
+from model.data import load_split
+from model.export import column_macs, expected_calibration_error, fit_temperature
+from service.bundle import (
+    MANIFEST,
+    BundleError,
+    Manifest,
+    load_bundle,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from service.runtime import SessionConfig, create_session, run_probabilities
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the session bundle, for tests that break it."""
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+def test_every_column_matches_torch(tiny_bundle: Path) -> None:
+    manifest = load_bundle(tiny_bundle)
+    fp32 = [v for v in manifest.variants if v.precision == "fp32"]
+    assert [v.column for v in fp32] == list(range(1, manifest.columns + 1))
+    for v in fp32:
+        assert v.max_abs_diff is not None and v.max_abs_diff < 1e-4, v.key
+        assert v.depth == len(manifest.training.config["channels"]) * 2 ** (v.column - 1)
+        assert v.accuracy is not None and v.latency is not None
+        assert set(v.latency.ms_by_batch) == {1, 8, 32}
+
+
+def test_manifest_round_trip(tiny_bundle: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(tiny_bundle)
+    again = Manifest.model_validate(json.loads(manifest.model_dump_json()))
+    assert again == manifest
+    write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path) == manifest
+    config = FractalConfig.from_dict(manifest.training.config)
+    assert config.columns == manifest.columns
+    assert config.image_size == manifest.input.height == manifest.input.width
+
+
+def test_hashes_match_the_files(tiny_bundle: Path) -> None:
+    manifest = read_manifest(tiny_bundle)
+    for v in manifest.variants:
+        assert sha256_file(tiny_bundle / v.file) == v.sha256
+    assert sorted(p.name for p in tiny_bundle.glob("*.onnx")) == sorted(
+        v.file for v in manifest.variants
+    )
+
+
+def test_a_missing_file_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "column_2.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(bundle_copy)
+
+
+def test_a_wrong_hash_is_refused(bundle_copy: Path) -> None:
+    path = bundle_copy / "column_1.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bundle_copy)
+    assert load_bundle(bundle_copy, verify_hashes=False).columns >= 1
+
+
+def test_an_inconsistent_manifest_is_refused(bundle_copy: Path) -> None:
+    data = json.loads((bundle_copy / MANIFEST).read_text())
+    data["variants"] = [v for v in data["variants"] if v["column"] != 1]
+    (bundle_copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="invalid manifest"):
+        load_bundle(bundle_copy)
+
+
+def test_int8_agrees_with_fp32(tiny_bundle: Path) -> None:
+    manifest = load_bundle(tiny_bundle)
+    images = load_split(manifest.dataset, "test", image_size=manifest.input.height).images
+    config = SessionConfig(intra_op_threads=1)
+    int8 = [v for v in manifest.variants if v.precision == "int8"]
+    assert [v.column for v in int8] == list(range(1, manifest.columns + 1))
+    for v in int8:
+        fp32 = manifest.variant(v.column, "fp32")
+        quantized = run_probabilities(create_session(tiny_bundle / v.file, config), images)
+        reference = run_probabilities(create_session(tiny_bundle / fp32.file, config), images)
+        agree = float((quantized.argmax(1) == reference.argmax(1)).mean())
+        assert agree > 0.8, f"{v.key}: same top-1 on only {agree:.0%} of the test images"
+        assert np.allclose(quantized.sum(1), 1.0, atol=1e-4)
+
+
+def test_column_macs() -> None:
+    config = FractalConfig(channels=(4, 8), columns=2, image_size=4, in_channels=3)
+    # Column 2: block 1 at 4x4 (3->4, 4->4), block 2 at 2x2 (4->8, 8->8), then 8x10.
+    expected = 16 * 9 * (3 * 4 + 4 * 4) + 4 * 9 * (4 * 8 + 8 * 8) + 8 * 10
+    assert column_macs(config, 2) == expected
+
+
+def test_expected_calibration_error() -> None:
+    labels = np.array([0, 1, 0, 1])
+    confident_right = np.eye(2)[labels]
+    assert expected_calibration_error(confident_right, labels) == 0.0
+    confident_wrong = np.eye(2)[1 - labels]
+    assert expected_calibration_error(confident_wrong, labels) == pytest.approx(1.0)
+
+
+def test_fit_temperature_undoes_a_known_scaling() -> None:
+    gen = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 5, generator=gen) * 2
+    labels = torch.multinomial(true_logits.softmax(1), 1, generator=gen).squeeze(1)
+    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
