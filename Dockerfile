@@ -33,8 +33,8 @@ RUN --mount=type=secret,id=ca-bundle,target=/run/secrets/ca-bundle \
 
 FROM ${BASE_IMAGE} AS runtime
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
-RUN groupadd --system --gid 10001 fractal \
-    && useradd --system --uid 10001 --gid fractal --no-create-home --home-dir /tmp fractal
+RUN groupadd --gid 10001 fractal \
+    && useradd --uid 10001 --gid fractal --no-create-home --home-dir /tmp --shell /usr/sbin/nologin fractal
 COPY --from=build /opt/venv /opt/venv
 COPY --from=bundle / /models/default
 ENV PATH=/opt/venv/bin:$PATH \

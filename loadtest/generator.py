@@ -19,7 +19,7 @@ import math
 import multiprocessing as mp
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,10 @@ from loadtest.deadlines import Deadline, sample_deadlines
 from loadtest.protocol import (
     CLASSIFY_PATH,
     LIVE_PATH,
+    NO_DONE,
     Answer,
     SseParser,
-    answer_from_done,
-    answer_from_error,
+    after_event,
     answer_from_json,
     classify_headers,
     error_text,
@@ -162,7 +162,11 @@ async def _send(
                 answer = Answer() if ok else Answer(error=error_text(result.status, b""))
                 return _finish(result, answer, now())
             headers = classify_headers(
-                sample.content_type, result.deadline_ms, target.column, target.stream
+                sample.content_type,
+                result.deadline_ms,
+                target.column,
+                target.stream,
+                request_id=f"loadtest-{result.index}",
             )
             if not target.stream:
                 response = await client.post(CLASSIFY_PATH, content=sample.data, headers=headers)
@@ -181,16 +185,12 @@ async def _send(
                 if not response.is_success:
                     body = await response.aread()
                     return _finish(result, Answer(error=error_text(result.status, body)), now())
-                answer = Answer(error="stream ended without a done event")
-                parser = SseParser()
+                answer, parser = NO_DONE, SseParser()
                 async for line in response.aiter_lines():
                     for event in parser.feed(line):
                         if event.name == "prediction" and result.first_answer_ms is None:
                             result.first_answer_ms = _ms(now() - result.scheduled_s)
-                        elif event.name == "done":
-                            answer = answer_from_done(event)
-                        elif event.name == "error":
-                            answer = answer_from_error(event)
+                        answer = after_event(answer, event)
                 return _finish(result, answer, now())
             finally:
                 await response.aclose()
@@ -205,10 +205,14 @@ async def run_share(
     arrivals: Sequence[Arrival],
     samples: Sequence[Sample],
     bound: int,
-    start_monotonic: float,
+    start: Callable[[], float],
     worker: int = 0,
 ) -> list[Result]:
-    """Send this worker's arrivals on schedule, at most `bound` in flight; all results."""
+    """Send this worker's arrivals on schedule, at most `bound` in flight; all results.
+
+    `start()` is called once the client is built (which takes a while on a busy machine)
+    and returns the time.monotonic() instant that the schedule counts from.
+    """
     results: list[Result] = []
     in_flight: set[asyncio.Task[Result]] = set()
     limits = httpx.Limits(max_connections=bound, max_keepalive_connections=bound)
@@ -218,6 +222,7 @@ async def run_share(
         results.append(task.result())
 
     async with httpx.AsyncClient(base_url=target.url, limits=limits, timeout=None) as client:
+        start_monotonic = start()
         for arrival in arrivals:
             delay = start_monotonic + arrival.at_s - time.monotonic()
             if delay > 0:
@@ -253,12 +258,13 @@ def _worker_main(
     start_wall: Any,
     out: Any,
 ) -> None:
-    ready.put(worker)
-    if not go.wait(READY_TIMEOUT_S):
-        out.put((worker, []))
-        return
-    start_monotonic = time.monotonic() + (start_wall.value - time.time())
-    results = asyncio.run(run_share(target, arrivals, samples, bound, start_monotonic, worker))
+    def start() -> float:
+        ready.put(worker)
+        if not go.wait(READY_TIMEOUT_S):
+            raise RuntimeError("no start signal")
+        return time.monotonic() + (start_wall.value - time.time())
+
+    results = asyncio.run(run_share(target, arrivals, samples, bound, start, worker))
     out.put((worker, results))
 
 
@@ -273,8 +279,11 @@ def run_load(
     shares = [[plan.arrivals[i] for i in idx] for idx in deal(len(plan.arrivals), workers)]
     bounds = split_bound(concurrency, workers)
     if workers == 1:
-        start = time.monotonic() + START_DELAY_S
-        results = asyncio.run(run_share(target, shares[0], samples, bounds[0], start))
+        results = asyncio.run(
+            run_share(
+                target, shares[0], samples, bounds[0], lambda: time.monotonic() + START_DELAY_S
+            )
+        )
         return sorted(results, key=lambda r: r.index)
 
     # spawn, not fork: the parent may hold threads (a test's stub server, an event loop).

@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from loadtest.generator import Result
 from loadtest.report import deadline_bins
+
+
+def _plain_log_x(ax: Axes, ticks: Sequence[float] | None = None) -> None:
+    """Log x axis labelled 5, 10, 20 rather than 5x10^0."""
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(list(ticks))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def latency_cdf(results: Sequence[Result], path: Path, title: str = "") -> None:
@@ -33,7 +44,7 @@ def latency_cdf(results: Sequence[Result], path: Path, title: str = "") -> None:
     if 0 < len(deadlines) <= 3:
         for d in deadlines:
             ax.axvline(d, color="grey", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
+    _plain_log_x(ax)
     ax.set_xlabel("latency from scheduled send (ms, log)")
     ax.set_ylabel("fraction of completed answers")
     ax.set_ylim(0, 1.02)
@@ -56,7 +67,7 @@ def accuracy_vs_deadline(results: Sequence[Result], path: Path, title: str = "")
         hit = [np.nan if b["hit_rate"] is None else b["hit_rate"] for b in bins]
         ax.plot(centers, acc, "o-", label="accuracy of answers")
         ax.plot(centers, hit, "s--", label="deadline hit rate (of all scheduled)")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     else:
         ax.text(0.5, 0.5, "no request had a deadline", ha="center", transform=ax.transAxes)
     ax.set_xlabel("deadline (ms, bin mean)")
@@ -91,13 +102,14 @@ def sweep_frontier(points: Sequence[dict[str, Any]], path: Path, title: str = ""
         width = 2.2 if mode == "auto" else 1.2
         for ax, (key, _) in zip(axes, PANELS, strict=True):
             ax.plot(x, _values(rows, key), style, linewidth=width, label=mode)
+    deadlines = sorted({p["deadline_ms"] for p in points})
     for ax, (_, name) in zip(axes, PANELS, strict=True):
-        ax.set_xscale("log")
+        _plain_log_x(ax, deadlines)
         ax.set_xlabel("deadline (ms, log)")
         ax.set_ylabel(name)
         ax.set_ylim(0, 1.02)
         ax.grid(True, which="both", alpha=0.3)
-    axes[-1].legend(loc="lower right", fontsize="small")
+    axes[0].legend(loc="best", fontsize="small")
     fig.suptitle(title or "Anytime frontier")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

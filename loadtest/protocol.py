@@ -20,10 +20,16 @@ EVENT_STREAM = "text/event-stream"
 
 
 def classify_headers(
-    content_type: str, deadline_ms: float | None, column: int | None, stream: bool
+    content_type: str,
+    deadline_ms: float | None,
+    column: int | None,
+    stream: bool,
+    request_id: str | None = None,
 ) -> dict[str, str]:
     """Headers for one POST /v1/classify (a NaN or None deadline sends no header)."""
     headers = {"Content-Type": content_type}
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
     if deadline_ms is not None and not math.isnan(deadline_ms):
         headers["X-Deadline-Ms"] = f"{deadline_ms:.3f}"
     if column is not None:
@@ -120,6 +126,26 @@ def answer_from_error(event: Event) -> Answer:
         payload = None
     text = payload.get("error") if isinstance(payload, dict) else event.data
     return Answer(error=f"stream:{str(text)[:120]}")
+
+
+NO_DONE = Answer(error="stream ended without a done event")
+
+
+def after_event(answer: Answer, event: Event) -> Answer:
+    """A stream's answer so far, after one more event (`done` or `error` change it)."""
+    if event.name == "done":
+        return answer_from_done(event)
+    if event.name == "error":
+        return answer_from_error(event)
+    return answer
+
+
+def stream_answer(lines: Iterable[str]) -> Answer:
+    """The answer of a whole SSE body, given as lines."""
+    answer = NO_DONE
+    for event in parse_sse(lines):
+        answer = after_event(answer, event)
+    return answer
 
 
 def column_count(models_payload: Any) -> int:

@@ -136,14 +136,14 @@ def updated_manifest(manifest: Manifest, scores: Sequence[VariantScore], machine
     return manifest.model_copy(update={"variants": tuple(variants)})
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned first column, right-aligned others, widths fitted to the content."""
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Text columns, the first `left` left-aligned (names), the rest right-aligned (figures)."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
-        first, *rest = cells
-        parts = [first.ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)
+        parts = [
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ]
         return "  ".join(parts).rstrip()
 

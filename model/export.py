@@ -144,7 +144,12 @@ def export_onnx(module: ServingColumn, path: Path, size: int) -> None:
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
-    """Static QDQ int8 (per-channel weights), calibrated on training images."""
+    """Static QDQ int8 (per-channel 7-bit weights), calibrated on training images.
+
+    Weights use 7 bits (`reduce_range`): on x86 CPUs without VNNI, onnxruntime's u8 x s8
+    kernels add pairs of products in 16 bits, which saturate with full-range weights. On an
+    AVX2-only machine, full-range weights moved the tiny test model's logits by 35-41% of
+    their spread; 7-bit weights by 3-4%."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -171,6 +176,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=True,
+        reduce_range=True,
         op_types_to_quantize=["Conv", "Gemm", "MatMul"],
     )
     prepped.unlink()

@@ -4,7 +4,8 @@ Without `--stream` it prints the one answer `POST /v1/classify` returns; with `-
 asks for progressive answers (Server-Sent Events) and prints a table row per column as
 each arrives, then the final answer and why the server stopped there (docs/api.md).
 
-Only httpx and the standard library: this runs on any machine with the core install,
+Only httpx, the standard library and `loadtest.protocol` (the request headers and the SSE
+parser the load generator uses too): this runs on any machine with the core install,
 without torch or onnxruntime.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+
+from loadtest.protocol import CLASSIFY_PATH, EVENT_STREAM, Event, SseParser, classify_headers
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TOKEN_ENV = "FRACTAL_TOKEN"
@@ -114,39 +117,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def request_headers(args: argparse.Namespace, content_type: str) -> dict[str, str]:
-    headers = {"Content-Type": content_type}
-    if args.deadline_ms is not None:
-        headers["X-Deadline-Ms"] = f"{args.deadline_ms:g}"
+    headers = classify_headers(content_type, args.deadline_ms, args.column, args.stream)
     if args.min_confidence is not None:
         headers["X-Min-Confidence"] = f"{args.min_confidence:g}"
-    if args.column is not None:
-        headers["X-Column"] = str(args.column)
-    if args.stream:
-        headers["Accept"] = "text/event-stream"
     if args.token:
         headers["Authorization"] = f"Bearer {args.token}"
     return headers
 
 
-def iter_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """(event type, data) for each event in a text/event-stream, given its lines."""
-    event, data = "", []
+def iter_events(lines: Iterable[str]) -> Iterator[Event]:
+    """Each event of a text/event-stream as soon as its blank line arrives."""
+    parser = SseParser()
     for line in lines:
-        if not line:
-            if data:
-                yield event or "message", "\n".join(data)
-            event, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "event":
-            event = value
-        elif field == "data":
-            data.append(value)
-    if data:
-        yield event or "message", "\n".join(data)
+        yield from parser.feed(line)
+    yield from parser.feed("")
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -197,7 +181,7 @@ def table_row(prediction: dict[str, Any]) -> str:
 def _timing(answer: dict[str, Any]) -> str:
     text = _ms(answer.get("elapsed_ms"))
     if answer.get("deadline_ms") is not None:
-        met = {True: "met", False: "missed"}.get(answer.get("deadline_met"), "?")
+        met = "met" if answer.get("deadline_met") else "missed"
         text += f" of a {_ms(answer['deadline_ms'])} deadline ({met})"
     else:
         text += " (no deadline)"
@@ -253,13 +237,13 @@ def classify(args: argparse.Namespace, client: httpx.Client, out: TextIO) -> Non
         body = args.image.read_bytes()
     except OSError as exc:
         raise ClientError(f"cannot read {args.image}: {exc.strerror}") from exc
-    url = args.url.rstrip("/") + "/v1/classify"
+    url = args.url.rstrip("/") + CLASSIFY_PATH
     headers = request_headers(args, content_type)
     with client.stream("POST", url, content=body, headers=headers) as response:
         if not response.is_success:
             response.read()
             raise ClientError(_error_message(response))
-        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if not response.headers.get("Content-Type", "").startswith(EVENT_STREAM):
             response.read()
             print(format_answer(response.json()), file=out)
             return
@@ -268,18 +252,18 @@ def classify(args: argparse.Namespace, client: httpx.Client, out: TextIO) -> Non
 
 def _print_stream(response: httpx.Response, out: TextIO) -> None:
     print(table_header(), file=out, flush=True)
-    for event, data in iter_events(response.iter_lines()):
+    for event in iter_events(response.iter_lines()):
         try:
-            payload = json.loads(data)
+            payload = json.loads(event.data)
         except json.JSONDecodeError as exc:
-            raise ClientError(f"unreadable {event} event: {data!r}") from exc
-        if event == "prediction":
+            raise ClientError(f"unreadable {event.name} event: {event.data!r}") from exc
+        if event.name == "prediction":
             print(table_row(payload), file=out, flush=True)
-        elif event == "done":
+        elif event.name == "done":
             print(format_done(payload), file=out, flush=True)
             return
-        elif event == "error":
-            raise ClientError(f"the server stopped the stream: {payload.get('error', data)}")
+        elif event.name == "error":
+            raise ClientError(f"the server stopped the stream: {payload.get('error', event.data)}")
     raise ClientError("the stream ended without a final answer")
 
 

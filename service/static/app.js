@@ -313,7 +313,8 @@ function addAnswer(p) {
       el("span", { class: "confidence-bar", "aria-hidden": "true" },
         el("span", { style: { width: `${100 * (p.confidence ?? 0)}%` } })),
     ),
-    el("div", { class: "track", role: "img", "aria-label": when },
+    // The bar repeats the text below it, so screen readers skip it.
+    el("div", { class: "track", "aria-hidden": "true" },
       el("span", { class: "bar" }),
       el("span", { class: "deadline-mark", title: "deadline" }),
     ),
@@ -384,7 +385,7 @@ async function describeHttpError(response) {
     // Not JSON (a proxy's error page, say): show the text as it is.
   }
   const retry = response.headers.get("Retry-After");
-  return `The server answered ${response.status}: ${detail}` + (retry ? ` Retry after ${retry} s.` : "");
+  return `The server answered ${response.status}: ${detail}.` + (retry ? ` Retry after ${retry} s.` : "");
 }
 
 // ---------------------------------------------------------------- submitting
@@ -468,12 +469,18 @@ async function classify(event) {
 
 // ---------------------------------------------------------------- the model card
 
+// "×1 0.21 · ×8 0.76": milliseconds by batch size.
 function latencyText(byBatch) {
   if (!byBatch) return "–";
   return Object.entries(byBatch)
     .sort(([a], [b]) => Number(a) - Number(b))
-    .map(([batch, ms]) => `×${batch}: ${formatMs(ms)}`)
-    .join(", ");
+    .map(([batch, ms]) => `×${batch} ${ms < 10 ? ms.toFixed(2) : ms.toFixed(1)}`)
+    .join(" · ");
+}
+
+// Class names, with their index where the name is not the index itself (digits).
+function classItem(name, index) {
+  return el("li", {}, name === String(index) ? name : [el("span", { class: "muted" }, `${index} `), name]);
 }
 
 function renderModel(model) {
@@ -490,12 +497,12 @@ function renderModel(model) {
     (a, b) => a.column - b.column || String(a.precision).localeCompare(String(b.precision)),
   );
   const header = ["Column", "Precision", "Depth", "Parameters", "Test accuracy",
-    "Latency now (ms by batch size)", "Latency at export", "Queue"];
+    "Latency now (ms, ×batch)", "Latency at export", "Queue"];
   return el("article", { class: "model-card", "data-model": model.name },
     el("dl", { class: "facts" }, facts.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v ?? "–")])),
     el("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-label": "Columns" },
       el("table", {},
-        el("caption", {}, "Columns, shallow to deep. Latencies are the server's current estimates."),
+        el("caption", {}, "Columns, shallow to deep"),
         el("thead", {}, el("tr", {}, header.map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, variants.map((v) => el("tr", {},
           el("th", { scope: "row" }, String(v.column)),
@@ -509,8 +516,10 @@ function renderModel(model) {
         ))),
       ),
     ),
+    el("p", { class: "hint" }, "Latency now: the server's estimate, learned from recent runs; " +
+      "at export: measured when the bundle was made. ×n: a batch of n images."),
     el("h3", {}, `Classes (${(model.classes ?? []).length})`),
-    el("ol", { class: "classes", start: 0 }, (model.classes ?? []).map((c) => el("li", {}, c))),
+    el("ul", { class: "classes" }, (model.classes ?? []).map(classItem)),
   );
 }
 

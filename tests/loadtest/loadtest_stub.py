@@ -36,8 +36,8 @@ class StubServer:
         self.fixed_delay_s = fixed_delay_s
         """Extra sleep before every classify answer (a deliberately slow server)."""
         self.port = 0
-        self.arrivals: list[float] = []
-        """time.monotonic() of each classify request's arrival."""
+        self.arrivals: dict[str, float] = {}
+        """time.monotonic() of each classify request's arrival, by X-Request-ID."""
         self.in_flight = 0
         self.max_in_flight = 0
         self._loop = asyncio.new_event_loop()
@@ -109,31 +109,38 @@ class StubServer:
         if forced is not None:
             fits = deadline is None or self.column_ms[forced - 1] <= deadline
             return forced if fits else None
-        fitting = [k for k, ms in enumerate(self.column_ms, 1) if deadline is None or ms <= deadline]
-        return max(fitting) if fitting else None
+        ok = [k for k, ms in enumerate(self.column_ms, 1) if deadline is None or ms <= deadline]
+        return max(ok) if ok else None
 
     def _prediction(self, column: int, body: bytes) -> dict[str, Any]:
         name = WRONG if column == 1 else self.labels.get(body, WRONG)
         return {"column": column, "class_name": name, "class_index": CLASSES.index(name)}
 
+    def _models(self) -> dict[str, Any]:
+        variants = [{"key": f"column_{k}", "column": k} for k in range(1, len(self.column_ms) + 1)]
+        return {"models": [{"name": "stub", "classes": CLASSES, "variants": variants}]}
+
     async def _handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
     ) -> bool:
         if method == "GET" and path in ("/v2/health/live", "/v2/health/ready"):
             return await self._reply(writer, 200, {"status": "ok"})
         if method == "GET" and path == "/v1/models":
-            variants = [{"key": f"column_{k}", "column": k} for k in range(1, len(self.column_ms) + 1)]
-            return await self._reply(
-                writer, 200, {"models": [{"name": "stub", "classes": CLASSES, "variants": variants}]}
-            )
+            return await self._reply(writer, 200, self._models())
         if method != "POST" or path != "/v1/classify":
             return await self._reply(writer, 404, {"error": "not found"})
-        self.arrivals.append(time.monotonic())
+        self.arrivals[headers.get("x-request-id", str(len(self.arrivals)))] = time.monotonic()
         deadline = float(headers["x-deadline-ms"]) if "x-deadline-ms" in headers else None
         forced = int(headers["x-column"]) if "x-column" in headers else None
         column = self._choose(deadline, forced)
         if column is None:
-            return await self._reply(writer, 503, {"error": "cannot meet deadline", "reason": "deadline"})
+            shed = {"error": "cannot meet the deadline", "reason": "deadline"}
+            return await self._reply(writer, 503, shed)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -141,14 +148,17 @@ class StubServer:
             if headers.get("accept") != "text/event-stream":
                 await asyncio.sleep(self.column_ms[column - 1] / 1000.0)
                 return await self._reply(writer, 200, self._prediction(column, body))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            )
             run = [1, column] if column > 1 else [1]
             for k in run:
                 await asyncio.sleep(self.column_ms[k - 1] / 1000.0)
                 data = json.dumps(self._prediction(k, body))
                 writer.write(f"event: prediction\ndata: {data}\n\n".encode())
                 await writer.drain()
-            done = {"final": self._prediction(column, body), "reason": "deepest", "columns_run": run}
+            final = self._prediction(column, body)
+            done = {"final": final, "reason": "deepest", "columns_run": run}
             writer.write(f"event: done\ndata: {json.dumps(done)}\n\n".encode())
             await writer.drain()
             return False

@@ -84,6 +84,10 @@ def test_an_inconsistent_manifest_is_refused(bundle_copy: Path) -> None:
         load_bundle(bundle_copy)
 
 
+def logits(session: object, images: np.ndarray) -> np.ndarray:
+    return np.asarray(session.run(["logits"], {"images": images})[0])  # type: ignore[attr-defined]
+
+
 def test_int8_agrees_with_fp32(tiny_bundle: Path) -> None:
     manifest = load_bundle(tiny_bundle)
     images = load_split(manifest.dataset, "test", image_size=manifest.input.height).images
@@ -91,12 +95,16 @@ def test_int8_agrees_with_fp32(tiny_bundle: Path) -> None:
     int8 = [v for v in manifest.variants if v.precision == "int8"]
     assert [v.column for v in int8] == list(range(1, manifest.columns + 1))
     for v in int8:
-        fp32 = manifest.variant(v.column, "fp32")
-        quantized = run_probabilities(create_session(tiny_bundle / v.file, config), images)
-        reference = run_probabilities(create_session(tiny_bundle / fp32.file, config), images)
-        agree = float((quantized.argmax(1) == reference.argmax(1)).mean())
+        quantized = create_session(tiny_bundle / v.file, config)
+        reference = create_session(tiny_bundle / manifest.variant(v.column, "fp32").file, config)
+        ref, out = logits(reference, images), logits(quantized, images)
+        agree = float((out.argmax(1) == ref.argmax(1)).mean())
         assert agree > 0.8, f"{v.key}: same top-1 on only {agree:.0%} of the test images"
-        assert np.allclose(quantized.sum(1), 1.0, atol=1e-4)
+        # Independent of how close the tiny model's classes are: the logits stay close.
+        # (Saturating int8 kernels once moved them by over a third of their spread.)
+        error = float(np.abs(out - ref).mean() / ref.std())
+        assert error < 0.1, f"{v.key}: int8 logits off by {error:.0%} of their spread"
+        assert np.allclose(run_probabilities(quantized, images).sum(1), 1.0, atol=1e-4)
 
 
 def test_column_macs() -> None:

@@ -1,0 +1,95 @@
+"""`fractal eval` on the tiny checkpoint (torch) and the tiny bundle (onnxruntime)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model.evaluate import (
+    VariantScore,
+    evaluate_checkpoint,
+    format_table,
+    main,
+    updated_manifest,
+)
+from service.bundle import load_bundle, read_manifest
+
+
+def test_checkpoint_scores_match_training(tiny_checkpoint: Path) -> None:
+    """Same calibration images and test set as the training run's last evaluation."""
+    rows = (tiny_checkpoint.parent / "metrics.jsonl").read_text().splitlines()
+    reported = json.loads(rows[-1])["test"]
+    results = evaluate_checkpoint(tiny_checkpoint)
+    assert list(results) == ["full", "column_1", "column_2", "column_3", "column_4"]
+    for head, r in results.items():
+        assert r["accuracy"] == pytest.approx(reported[head]["accuracy"], abs=1e-9)
+        assert r["loss"] == pytest.approx(reported[head]["loss"], rel=1e-5)
+
+
+def test_eval_checkpoint_prints_a_table(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([str(tiny_checkpoint), "--dataset", "digits", "--limit", "50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["head", "loss", "top-1"]
+    heads = ["full", *(f"column_{k}" for k in range(1, 5))]
+    assert [line.split()[0] for line in lines[1:]] == heads
+    assert all(0.0 <= float(line.split()[2]) <= 1.0 for line in lines[1:])
+
+
+def test_eval_bundle_reproduces_the_manifest(
+    tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = load_bundle(tiny_bundle)
+    assert main([str(tiny_bundle), "--latency-repeats", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["variant", "top-1", "manifest", "ms@1", "ms@8", "ms@32"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert set(rows) == {v.key for v in manifest.variants}
+    for v in manifest.variants:
+        top1, recorded, *latency = rows[v.key]
+        assert float(recorded) == pytest.approx(v.accuracy, abs=1e-4)
+        # The export scored the same test images with the same runtime code.
+        assert float(top1) == pytest.approx(float(recorded), abs=0.01)
+        assert all(float(ms) > 0 for ms in latency)
+
+
+def test_update_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    with pytest.raises(SystemExit):
+        main([str(bundle), "--update-manifest", "--limit", "10"])
+    before = read_manifest(bundle)
+    assert main([str(bundle), "--update-manifest", "--latency-repeats", "1"]) == 0
+    after = load_bundle(bundle)  # still valid, and the hashes still hold
+    for old, new in zip(before.variants, after.variants, strict=True):
+        assert new.key == old.key and new.sha256 == old.sha256
+        assert new.accuracy is not None and new.latency is not None
+        assert set(new.latency.ms_by_batch) == {1, 8, 32}
+    assert after.training == before.training
+
+
+def test_updated_manifest_replaces_only_measurements(tiny_bundle: Path) -> None:
+    manifest = read_manifest(tiny_bundle)
+    scores = [VariantScore("column_2", 0.5, {1: 1.0, 8: 2.0, 32: 3.0}, None)]
+    updated = updated_manifest(manifest, scores, machine="test machine")
+    changed = updated.variant(2)
+    assert changed.accuracy == 0.5
+    assert changed.latency is not None and changed.latency.machine == "test machine"
+    assert changed.calibration == manifest.variant(2).calibration
+    assert updated.variant(1) == manifest.variant(1)
+    assert type(updated).model_validate(updated.model_dump()) == updated
+
+
+def test_eval_refuses_what_it_cannot_score(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tiny_checkpoint), "--update-manifest"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nothing-here")])
+
+
+def test_format_table() -> None:
+    table = format_table(["name", "value"], [["a", "1.5"], ["longer", "10.25"]])
+    assert table.splitlines() == ["name    value", "a         1.5", "longer  10.25"]

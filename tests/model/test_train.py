@@ -1,0 +1,120 @@
+"""Training: the schedule, a loss that falls, checkpoints, and an exact resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import FractalConfig, preset
+from model.data import synthetic_split, to_tensor
+from model.network import FractalNet
+from model.recalibrate import recalibrate_batchnorm
+from model.train import (
+    build_config,
+    load_checkpoint,
+    lr_at,
+    model_from_checkpoint,
+    parse_args,
+    save_checkpoint,
+    train,
+)
+
+SYNTHETIC = [
+    "--dataset", "synthetic", "--preset", "tiny-c4", "--image-size", "16",
+    "--train-limit", "100", "--eval-limit", "20", "--batch-size", "25",
+    "--threads", "1", "--no-progress",
+]  # fmt: skip
+
+
+def test_lr_schedule_of_the_paper() -> None:
+    """400 epochs: divided by 10 at epochs 200, 300, 350 and 375, and (read literally)
+    on at every further halving of the remaining epochs."""
+    drops = {0: 1.0, 199: 1.0, 200: 0.1, 299: 0.1, 300: 0.01, 349: 0.01, 350: 1e-3, 375: 1e-4}
+    for epoch, factor in drops.items():
+        assert lr_at(epoch, 400, 0.02) == pytest.approx(0.02 * factor)
+    assert lr_at(399, 400, 0.02) == pytest.approx(0.02 * 1e-8)  # 1 of 400 left: 8 halvings
+    assert [lr_at(e, 8, 1.0) for e in range(8)] == pytest.approx(
+        [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.001]
+    )
+    assert lr_at(0, 1, 0.5) == 0.5
+
+
+def test_build_config_from_cli() -> None:
+    args = parse_args(["--preset", "small-c4", "--channels", "8,16", "--columns", "3"])
+    config = build_config(args, num_classes=7)
+    assert config.channels == (8, 16) and config.columns == 3 and config.num_classes == 7
+    assert config.block_dropout == (0.0, 0.1)
+    assert (config.local_drop, config.global_ratio) == (0.15, 0.5)
+    off = build_config(parse_args(["--no-drop-path"]), num_classes=10)
+    assert (off.local_drop, off.global_ratio) == (0.0, 0.0)
+    assert FractalConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(KeyError):
+        preset("no-such-preset")
+
+
+def test_a_short_run_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    config = preset("tiny-c4", image_size=8)
+    split = synthetic_split(256, 8, seed=0)
+    norm = (torch.full((3,), 0.5), torch.full((3,), 0.25))
+    x = to_tensor(torch.from_numpy(split.images), *norm)
+    y = torch.from_numpy(split.labels)
+    net = FractalNet(config)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+    @torch.no_grad()
+    def loss_now() -> float:
+        calibrated = recalibrate_batchnorm(net, None, [x])
+        return float(F.cross_entropy(calibrated(x), y))
+
+    before = loss_now()
+    net.train()
+    for step in range(40):
+        batch = slice(32 * (step % 8), 32 * (step % 8 + 1))
+        loss = F.cross_entropy(net(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = loss_now()
+    assert math.isfinite(after)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    config = FractalConfig(channels=(4, 8), columns=3, image_size=8)
+    net = FractalNet(config).eval()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"config": config.to_dict(), "model": net.state_dict()})
+    assert not path.with_suffix(".tmp").exists()
+    again = model_from_checkpoint(load_checkpoint(path))
+    assert again.config == config and not again.training
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        for column in (None, 1, 2, 3):
+            torch.testing.assert_close(again(x, column=column), net(x, column=column))
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    """Two epochs straight equal one epoch, a stop, and a resumed second epoch: the
+    weights, optimizer and every random stream (drop-path, augmentation, dropout)
+    continue where they stopped."""
+    common = [*SYNTHETIC, "--epochs", "2", "--augment", "plus"]
+    straight = train(parse_args([*common, "--out", str(tmp_path / "straight")]))
+    stopped = tmp_path / "stopped"
+    # A minimal time budget stops cleanly after the first epoch, as a preempted job would.
+    train(parse_args([*common, "--max-minutes", "1e-9", "--out", str(stopped)]))
+    assert load_checkpoint(stopped / "checkpoint.pt")["epoch"] == 1
+    resumed = train(parse_args([*common, "--resume", "--out", str(stopped)]))
+
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["drop_rng"] == b["drop_rng"]
+    assert torch.equal(a["torch_rng"][0]["cpu"], b["torch_rng"][0]["cpu"])
+    assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 2

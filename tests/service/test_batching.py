@@ -1,0 +1,156 @@
+"""The batcher with an injected clock and fake variants (no onnxruntime)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, Job
+from service.errors import Unavailable
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(eq=False)
+class FakeVariant:
+    key: str
+    runs: list[tuple[str, int]] = field(default_factory=list)
+    log: list[tuple[str, int]] | None = None
+    fail: bool = False
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("boom")
+        entry = (self.key, int(images.shape[0]))
+        self.runs.append(entry)
+        if self.log is not None:
+            self.log.append(entry)
+        # "Probabilities" that identify each image: its first pixel, twice.
+        return np.repeat(images[:, :1, 0, 0].astype(np.float32), 2, axis=1)
+
+    def predict_ms(self, n: int) -> float:
+        return 1.0 * n
+
+    def observe(self, n: int, ms: float) -> None:
+        pass
+
+
+def job(variant: FakeVariant, pixel: int, deadline: float, clock: FakeClock, n: int = 1,
+        drop: bool = False) -> Job:
+    images = np.full((n, 2, 2, 3), pixel, dtype=np.uint8)
+    return Job(variant, images, deadline, clock(), drop_when_late=drop)  # type: ignore[arg-type]
+
+
+async def test_queued_work_is_batched_and_fanned_out() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0)
+    v = FakeVariant("a")
+    jobs = [job(v, pixel=i, deadline=1.0 + i, clock=clock) for i in range(5)]
+    futures = [b.submit(j) for j in jobs]
+    b.start()
+    results = await asyncio.gather(*futures)
+    await b.stop()
+    assert v.runs == [("a", 5)]
+    assert [int(r.probabilities[0, 0]) for r in results] == [0, 1, 2, 3, 4]
+    assert all(r.batch_size == 5 for r in results)
+
+
+async def test_max_batch_and_multi_image_jobs() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=4, max_wait_ms=0)
+    v = FakeVariant("a")
+    futures = [b.submit(job(v, i, 1.0 + i, clock, n=3)) for i in range(3)]
+    b.start()
+    results = await asyncio.gather(*futures)
+    await b.stop()
+    assert v.runs == [("a", 3), ("a", 3), ("a", 3)]
+    assert [r.probabilities.shape[0] for r in results] == [3, 3, 3]
+
+
+async def test_earliest_deadline_first_across_variants() -> None:
+    clock = FakeClock()
+    log: list[tuple[str, int]] = []
+    b = Batcher(clock, max_batch=1, max_wait_ms=0)
+    a, c = FakeVariant("a", log=log), FakeVariant("c", log=log)
+    futures = [b.submit(job(a, 0, 3.0, clock)), b.submit(job(c, 0, 1.0, clock)),
+               b.submit(job(a, 0, 2.0, clock)), b.submit(job(c, 0, 4.0, clock))]
+    b.start()
+    await asyncio.gather(*futures)
+    await b.stop()
+    assert [k for k, _ in log] == ["c", "a", "a", "c"]
+
+
+async def test_cancelled_jobs_do_no_work() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0)
+    v = FakeVariant("a")
+    keep, gone = job(v, 1, 2.0, clock), job(v, 2, 1.0, clock)
+    b.submit(keep)
+    b.submit(gone).cancel()
+    b.start()
+    await keep.future
+    await b.stop()
+    assert v.runs == [("a", 1)]
+
+
+async def test_late_jobs_are_dropped_when_asked() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0)
+    v = FakeVariant("a")
+    late = job(v, 1, deadline=0.5, clock=clock, drop=True)
+    late_ok = job(v, 2, deadline=0.5, clock=clock, drop=False)
+    b.submit(late)
+    b.submit(late_ok)
+    clock.now = 1.0
+    b.start()
+    with pytest.raises(Unavailable):
+        await late.future
+    assert (await late_ok.future).batch_size == 1
+    await b.stop()
+
+
+async def test_failures_reach_every_waiting_request() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0)
+    v = FakeVariant("a", fail=True)
+    futures = [b.submit(job(v, i, 1.0, clock)) for i in range(3)]
+    b.start()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    await b.stop()
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_a_batch_waits_for_company_until_its_wait_ends() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=50)
+    v = FakeVariant("a")
+    b.start()
+    first = b.submit(job(v, 1, 10.0, clock))
+    await asyncio.sleep(0.01)
+    assert v.runs == []  # still waiting: the fake clock has not moved
+    second = b.submit(job(v, 2, 10.0, clock))
+    clock.now = 0.06  # past the wait
+    await asyncio.gather(first, second)
+    await b.stop()
+    assert v.runs == [("a", 2)]
+
+
+async def test_snapshots_for_admission() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0)
+    a, c = FakeVariant("a"), FakeVariant("c")
+    b.submit(job(a, 0, 1.0, clock, n=2))
+    b.submit(job(c, 0, 5.0, clock))
+    assert b.queued_images == 3
+    assert {(w.key, w.images) for w in b.ahead_of(2.0)} == {("a", 2)}
+    assert b.running_remaining_ms() == 0.0
+    await b.stop()

@@ -1,0 +1,123 @@
+"""The pure scheduling decisions, with plain numbers for time."""
+
+from __future__ import annotations
+
+import math
+
+from service.scheduling import (
+    Candidate,
+    Dispatch,
+    Queued,
+    Waiting,
+    choose_variant,
+    next_stream_column,
+    pick_queue,
+    plan_batch,
+    predict_completion_ms,
+)
+
+COST = {"column_1": 5.0, "column_2": 20.0, "column_3": 60.0, "column_4": 150.0,
+        "column_2_int8": 12.0}
+CANDIDATES = [
+    Candidate("column_1", 1, "fp32", 0.70),
+    Candidate("column_2", 2, "fp32", 0.80),
+    Candidate("column_3", 3, "fp32", 0.85),
+    Candidate("column_4", 4, "fp32", 0.88),
+]
+
+
+def flat(key: str, n: int) -> float:
+    return COST[key] * (1 + 0.1 * (n - 1))
+
+
+def alone(c: Candidate) -> float:
+    return COST[c.key]
+
+
+def test_choose_the_most_accurate_that_fits() -> None:
+    assert choose_variant(CANDIDATES, math.inf, alone).key == "column_4"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, 150.0, alone).key == "column_4"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, 149.9, alone).key == "column_3"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, 19.99, alone).key == "column_1"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, 4.99, alone) is None
+
+
+def test_int8_wins_only_on_accuracy() -> None:
+    int8_good = Candidate("column_2_int8", 2, "int8", 0.80)
+    int8_worse = Candidate("column_2_int8", 2, "int8", 0.79)
+    # Equal accuracy: the fp32 one is preferred when both fit.
+    assert choose_variant([*CANDIDATES[:2], int8_good], 25, alone).key == "column_2"  # type: ignore[union-attr]
+    # Only the faster int8 fits: it serves.
+    assert choose_variant([*CANDIDATES[:2], int8_worse], 15, alone).key == "column_2_int8"  # type: ignore[union-attr]
+
+
+def test_accuracy_ranks_above_depth() -> None:
+    odd = [Candidate("column_1", 1, "fp32", 0.9), Candidate("column_2", 2, "fp32", 0.8)]
+    assert choose_variant(odd, math.inf, alone).key == "column_1"  # type: ignore[union-attr]
+
+
+def test_completion_counts_work_ahead_and_batches_with_its_own_variant() -> None:
+    # Nothing queued: the run alone.
+    assert predict_completion_ms("column_2", 1, [], 0.0, flat, 32) == 20.0
+    # A running batch with 7 ms left, then our run.
+    assert predict_completion_ms("column_2", 1, [], 7.0, flat, 32) == 27.0
+    # Three column-2 images ahead ride in the same batch of 4.
+    assert predict_completion_ms("column_2", 1, [Waiting("column_2", 3)], 0.0, flat, 32) == \
+        flat("column_2", 4)
+    # Other variants' work is paid for in full batches' amortised share.
+    ahead = [Waiting("column_4", 2)]
+    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == \
+        flat("column_4", 2) + 5.0
+    # Two workers share the work ahead.
+    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32, workers=2) == \
+        flat("column_4", 2) / 2 + 5.0
+
+
+def test_completion_spills_into_a_second_batch() -> None:
+    ahead = [Waiting("column_1", 32)]
+    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == \
+        flat("column_1", 32) + flat("column_1", 1)
+
+
+def test_stream_order_aims_at_the_deepest_that_fits() -> None:
+    # 100 ms: column 3 is the target; column 2 (20) + column 3 (60) = 80 fits on the way.
+    assert next_stream_column(CANDIDATES, 1, 100, alone).column == 2  # type: ignore[union-attr]
+    # 70 ms: column 2 then 3 would be 80: skip column 2.
+    assert next_stream_column(CANDIDATES, 1, 70, alone).column == 3  # type: ignore[union-attr]
+    # After column 3 with 80 ms left, column 4 (150) does not fit: the stream ends.
+    assert next_stream_column(CANDIDATES, 3, 80, alone) is None
+    # No deadline: every column in order.
+    assert next_stream_column(CANDIDATES, 2, math.inf, alone).column == 3  # type: ignore[union-attr]
+    assert next_stream_column(CANDIDATES, 4, math.inf, alone) is None
+
+
+def test_plan_batch_takes_edf_order_up_to_max_batch() -> None:
+    queue = [Queued(1.0 + i, 1, 0.0) for i in range(40)]
+    assert plan_batch(queue, 0.0, lambda n: 1.0, 32, 0.0) == Dispatch(32)
+    multi = [Queued(1.0, 20, 0.0), Queued(2.0, 20, 0.0)]
+    assert plan_batch(multi, 0.0, lambda n: 1.0, 32, 0.0) == Dispatch(1)
+    assert plan_batch([], 0.0, lambda n: 1.0, 32, 0.0) == Dispatch(0)
+
+
+def test_plan_batch_without_wait_runs_at_once() -> None:
+    assert plan_batch([Queued(5.0, 1, 0.0)], 0.0, lambda n: 1.0, 32, 0.0) == Dispatch(1)
+
+
+def test_plan_batch_waits_for_company_but_never_past_the_slack() -> None:
+    queue = [Queued(deadline_s=1.0, images=1, enqueued_s=0.0)]
+    # Plenty of slack: wait up to max_wait after arrival.
+    plan = plan_batch(queue, 0.0, lambda n: 10.0, 32, max_wait_ms=5.0)
+    assert plan == Dispatch(1, wait_until_s=0.005)
+    # Slack shorter than max_wait: wait only until the latest start.
+    tight = [Queued(deadline_s=0.012, images=1, enqueued_s=0.0)]
+    plan = plan_batch(tight, 0.0, lambda n: 10.0, 32, max_wait_ms=5.0)
+    assert plan.wait_until_s is not None and abs(plan.wait_until_s - 0.002) < 1e-9
+    # Once that moment comes, it runs.
+    assert plan_batch(tight, 0.002, lambda n: 10.0, 32, max_wait_ms=5.0) == Dispatch(1)
+    # Already late: run now.
+    assert plan_batch(tight, 0.05, lambda n: 10.0, 32, max_wait_ms=5.0) == Dispatch(1)
+
+
+def test_pick_queue_is_edf_across_variants() -> None:
+    assert pick_queue({"a": 3.0, "b": 1.0, "c": 2.0}) == "b"
+    assert pick_queue({}) is None

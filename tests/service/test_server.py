@@ -1,0 +1,280 @@
+"""The live server on the tiny bundle with a fixed latency profile (see conftest.py):
+column 1 costs 20 ms, column 2 100 ms, column 3 300 ms, column 4 700 ms at batch 1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests_support import png_bytes, read_sse
+
+
+def classify(client: httpx.Client, image: bytes, **headers: str) -> httpx.Response:
+    return client.post("/v1/classify", content=image,
+                       headers={"Content-Type": "image/png", **headers})
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return png_bytes(seed=1)
+
+
+def test_no_deadline_gets_the_deepest_column(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["column"] == 4 and body["precision"] == "fp32" and body["columns"] == 4
+    assert body["deadline_ms"] is None and body["deadline_met"] is True
+    assert r.headers["X-Fractal-Column"] == "4"
+    assert "queue;dur=" in r.headers["Server-Timing"]
+    assert "inference;dur=" in r.headers["Server-Timing"]
+    assert len(body["top5"]) == 5 and len(body["predictions"]) == 1
+    assert 0.0 <= body["confidence"] <= 1.0
+
+
+def test_large_deadline_gets_the_deepest_column(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "2000"})
+    assert r.status_code == 200 and r.json()["column"] == 4
+    assert r.json()["deadline_ms"] == 2000 and r.json()["deadline_met"]
+
+
+def test_deadline_between_column_1_and_2_gets_column_1(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "60"})
+    assert r.status_code == 200, r.text
+    assert r.json()["column"] == 1 and r.json()["precision"] == "fp32"
+
+
+def test_deadline_fitting_column_2_gets_it(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "200"})
+    assert r.json()["column"] == 2
+
+
+def test_impossible_deadline_is_shed_with_retry_after(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "5"})
+    assert r.status_code == 503
+    assert r.headers["Retry-After"] == "1"
+    assert r.json()["reason"] == "deadline" and "deadline" in r.json()["error"]
+
+
+def test_forced_column(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        assert classify(c, image, **{"X-Column": "2"}).json()["column"] == 2
+        r = classify(c, image, **{"X-Column": "3", "X-Precision": "int8"})
+        assert (r.json()["column"], r.json()["precision"]) == (3, "int8")
+        # The deadline still applies to shedding.
+        assert classify(c, image, **{"X-Column": "4", "X-Deadline-Ms": "300"}).status_code == 503
+        assert classify(c, image, **{"X-Column": "9"}).status_code == 400
+
+
+def test_stream_without_deadline_runs_every_column(live: Any, image: bytes) -> None:
+    events = read_sse(live.url, image, {})
+    kinds = [k for k, _ in events]
+    assert kinds == ["prediction"] * 4 + ["done"]
+    assert [d["column"] for k, d in events if k == "prediction"] == [1, 2, 3, 4]
+    done = events[-1][1]
+    assert done["reason"] == "deepest" and done["final"]["column"] == 4
+    assert done["columns_run"] == [1, 2, 3, 4]
+
+
+def test_stream_stops_at_the_deadline(live: Any, image: bytes) -> None:
+    events = read_sse(live.url, image, {"X-Deadline-Ms": "500"})
+    columns = [d["column"] for k, d in events if k == "prediction"]
+    assert columns == [1, 2, 3]  # column 4 (700 ms) cannot fit
+    assert events[-1][0] == "done" and events[-1][1]["reason"] == "deadline"
+
+
+def test_stream_skips_a_middle_column_that_would_cost_a_deeper_one(
+    live: Any, image: bytes
+) -> None:
+    # After column 1 about 330 ms remain: column 3 (300) fits, column 2 then 3 (400)
+    # does not, so column 2 is skipped.
+    events = read_sse(live.url, image, {"X-Deadline-Ms": "350"})
+    assert [d["column"] for k, d in events if k == "prediction"] == [1, 3]
+
+
+def test_stream_with_impossible_deadline_is_a_plain_503(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "1", "Accept": "text/event-stream"})
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
+
+
+def test_cascade_stops_when_confident(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Min-Confidence": "0.0"})
+        body = r.json()
+        assert body["column"] == 1 and body["cascade"]["reason"] == "confident"
+        assert body["cascade"]["columns_run"] == [1]
+        r = classify(c, image, **{"X-Min-Confidence": "1.0"})
+        assert r.json()["column"] == 4 and r.json()["cascade"]["reason"] == "deepest"
+
+
+def test_json_bodies(live: Any) -> None:
+    images = [base64.b64encode(png_bytes(seed=s)).decode() for s in range(3)]
+    with live.client() as c:
+        one = c.post("/v1/classify", json={"image": images[0]})
+        many = c.post("/v1/classify", json={"images": images})
+    assert one.status_code == 200 and len(one.json()["predictions"]) == 1
+    assert many.status_code == 200 and len(many.json()["predictions"]) == 3
+    assert many.json()["predictions"][0]["class_index"] == one.json()["class_index"]
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Deadline-Ms": "abc"}, {"X-Deadline-Ms": "-5"}, {"X-Deadline-Ms": "0"},
+    {"X-Deadline-Ms": "inf"}, {"X-Deadline-Ms": "nan"}, {"X-Column": "two"},
+    {"X-Column": "0"}, {"X-Min-Confidence": "1.5"}, {"X-Min-Confidence": "high"},
+    {"X-Precision": "fp16"},
+])
+def test_bad_headers_are_400_json(live: Any, image: bytes, headers: dict[str, str]) -> None:
+    with live.client() as c:
+        r = classify(c, image, **headers)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+@pytest.mark.parametrize(("content", "content_type", "status"), [
+    (b"not an image", "image/png", 400),
+    (b"", "image/png", 400),
+    (b"hello", "text/plain", 415),
+    (b'{"image": "***"}', "application/json", 400),
+    (b"[1, 2]", "application/json", 400),
+    (b"{broken", "application/json", 400),
+    (b'{"images": []}', "application/json", 400),
+    (b'{"other": 1}', "application/json", 400),
+])
+def test_bad_bodies_are_4xx_json(live: Any, content: bytes, content_type: str,
+                                 status: int) -> None:
+    with live.client() as c:
+        r = c.post("/v1/classify", content=content, headers={"Content-Type": content_type})
+    assert r.status_code == status and r.json()["error"]
+
+
+def test_truncated_image_is_400(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image[: len(image) // 2])
+    assert r.status_code == 400
+
+
+def test_too_many_images_is_413(live: Any) -> None:
+    one = base64.b64encode(png_bytes(seed=0)).decode()
+    with live.client() as c:
+        r = c.post("/v1/classify", json={"images": [one] * 33})
+    assert r.status_code == 413
+
+
+def test_any_size_and_format_is_resized(live: Any) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((300, 120, 3), 200, np.uint8)).save(buf, format="JPEG")
+    with live.client() as c:
+        r = c.post("/v1/classify", content=buf.getvalue(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200
+
+
+def test_request_id_is_echoed_or_made(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        assert classify(c, image, **{"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == \
+            "abc-123"
+        assert len(classify(c, image).headers["X-Request-ID"]) >= 16
+
+
+def test_models_endpoint(live: Any) -> None:
+    with live.client() as c:
+        listing = c.get("/v1/models").json()
+        card = c.get("/v1/models/tiny").json()
+        assert c.get("/v1/models/nope").status_code == 404
+    assert listing["models"][0]["name"] == "tiny"
+    keys = {v["key"] for v in card["variants"]}
+    assert {"column_1", "column_4", "column_4_int8"} <= keys
+    col4 = next(v for v in card["variants"] if v["key"] == "column_4")
+    assert col4["depth"] == 16 and col4["latency_ms"]["1"] == pytest.approx(700.0)
+    assert card["ready"] and card["providers"] == ["CPUExecutionProvider"]
+
+
+def test_same_answer_whatever_the_batch(live: Any) -> None:
+    """Concurrent requests get batched; every image's answer equals its answer alone."""
+    images = [png_bytes(seed=s) for s in range(12)]
+    with live.client() as c:
+        alone = [classify(c, im, **{"X-Column": "3"}).json()["top5"] for im in images]
+    together: list[Any] = [None] * len(images)
+
+    def send(i: int) -> None:
+        with live.client() as c:
+            together[i] = classify(c, images[i], **{"X-Column": "3"}).json()["top5"]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together, strict=True):
+        assert [x["class_index"] for x in a] == [x["class_index"] for x in b]
+        assert np.allclose([x["probability"] for x in a], [x["probability"] for x in b],
+                           atol=1e-5)
+
+
+def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
+    """A client that leaves after the first answer costs no deeper runs."""
+    model = live.engine.model
+    calls: list[int] = []
+    originals = {}
+    for key in ("column_2", "column_3", "column_4"):
+        variant = model.variants[key]
+        originals[key] = variant.run
+
+        def slow(images: np.ndarray, _v: Any = variant, _run: Any = variant.run) -> Any:
+            calls.append(_v.column)
+            time.sleep(0.4)
+            return _run(images)
+
+        variant.run = slow  # type: ignore[method-assign]
+    try:
+        with httpx.Client(timeout=10) as c, c.stream(
+            "POST", f"{live.url}/v1/classify", content=image,
+            headers={"Content-Type": "image/png", "Accept": "text/event-stream"},
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: prediction"):
+                    break
+        time.sleep(1.5)
+        assert calls in ([], [2]), calls  # column 2 may have started; nothing after it
+    finally:
+        for key, run in originals.items():
+            model.variants[key].run = run  # type: ignore[method-assign]
+
+
+def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        classify(c, image, **{"X-Deadline-Ms": "2000"})
+        classify(c, image, **{"X-Deadline-Ms": "1"})
+        text = c.get("/metrics").text
+    assert 'fractal_requests_total{endpoint="/v1/classify",status="200"}' in text
+    assert 'fractal_deadline_outcomes_total{outcome="shed"}' in text
+    assert 'fractal_model_info{columns="4",name="tiny",version="test"} 1.0' in text
+    assert "fractal_inference_duration_seconds_bucket" in text
+    met = [ln for ln in text.splitlines() if ln.startswith(
+        'fractal_deadline_outcomes_total{outcome="met"}')]
+    assert met and float(met[0].split()[-1]) >= 1
+
+
+def test_health(live: Any) -> None:
+    with live.client() as c:
+        assert c.get("/v2/health/live").status_code == 200
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_openapi_lists_the_api(live: Any) -> None:
+    with live.client() as c:
+        paths = json.loads(c.get("/openapi.json").text)["paths"]
+    assert "/v1/classify" in paths and "/v2/models/{name}/infer" in paths
