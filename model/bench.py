@@ -4,7 +4,7 @@ Three set-ups of one network, timed in one process on the same batch:
 - skip: the paper's drop-path (50% global, else local 15%); dropped paths not computed;
 - off:  no drop-path (local_drop = global_ratio = 0): every path, every step;
 - mask: the paper's sampling, but every path computed and the dropped ones discarded,
-  the naive way to implement it.
+  the naive way to implement it (autograd still skips them on the way back).
 skip and mask start from the same seed, so they draw the same plans step for step. The
 set-ups take turns in short rounds, in a rotating order, so that a noisy machine slows
 each of them alike; the median round is reported.

@@ -6,7 +6,9 @@
 "use strict";
 
 // The content types /v1/classify accepts; anything else is re-encoded as PNG first.
-const SUPPORTED_TYPES = new Set(["image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif"]);
+const SUPPORTED_TYPES = new Set([
+  "image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif",
+]);
 const DEADLINE_MAX_MS = 500;
 const REASONS = {
   deepest: "the deepest column answered",
@@ -273,8 +275,9 @@ function timelineScaleMs() {
 function redrawTimeline() {
   const scale = timelineScaleMs();
   byId("timeline-scale").hidden = state.rows.length === 0;
-  byId("scale-end").textContent =
-    state.deadlineMs === null ? `${formatMs(scale)} (no deadline)` : `deadline ${formatMs(state.deadlineMs)}`;
+  byId("scale-end").textContent = state.deadlineMs === null
+    ? `${formatMs(scale)} (no deadline)`
+    : `deadline ${formatMs(state.deadlineMs)}`;
   for (const row of state.rows) {
     const track = row.element.querySelector(".track");
     track.querySelector(".bar").style.width = `${Math.min(100, (100 * row.elapsedMs) / scale)}%`;
@@ -288,20 +291,25 @@ function describeColumn(p) {
   const parts = [];
   if (p.depth !== undefined) parts.push(`depth ${p.depth}`);
   if (p.precision) parts.push(p.precision);
-  if (p.accuracy !== undefined && p.accuracy !== null) parts.push(`test accuracy ${formatPercent(p.accuracy)}`);
+  if (typeof p.accuracy === "number") parts.push(`test accuracy ${formatPercent(p.accuracy)}`);
   return parts.join(" · ");
 }
 
 function addAnswer(p) {
-  const elapsedMs = typeof p.elapsed_ms === "number" ? p.elapsed_ms : performance.now() - state.startedAt;
   const browserMs = performance.now() - state.startedAt;
+  const elapsedMs = typeof p.elapsed_ms === "number" ? p.elapsed_ms : browserMs;
   const late = state.deadlineMs !== null && elapsedMs > state.deadlineMs;
   const when = state.deadlineMs === null
     ? `answered at ${formatMs(elapsedMs)}`
     : `answered at ${formatMs(elapsedMs)} of a ${formatMs(state.deadlineMs)} deadline` +
       (late ? " (late)" : "");
   const element = el(
-    "li", { class: `answer${late ? " late" : ""}`, "data-column": p.column, "data-precision": p.precision },
+    "li",
+    {
+      class: late ? "answer late" : "answer",
+      "data-column": p.column,
+      "data-precision": p.precision,
+    },
     el("div", { class: "answer-head" },
       el("span", { class: "column-tag" }, `Column ${p.column}`),
       el("span", { class: "muted" }, describeColumn(p)),
@@ -318,7 +326,8 @@ function addAnswer(p) {
       el("span", { class: "bar" }),
       el("span", { class: "deadline-mark", title: "deadline" }),
     ),
-    el("p", { class: "when muted" }, `${when} · received by the browser after ${formatMs(browserMs)}`),
+    el("p", { class: "when muted" },
+      `${when} · received by the browser after ${formatMs(browserMs)}`),
   );
   state.rows.push({ element, prediction: p, elapsedMs });
   byId("answers").append(element);
@@ -342,14 +351,16 @@ function markFinal(done) {
   const parts = [
     el("strong", {}, `Final answer: ${final.class_name} (${formatPercent(final.confidence)})`),
     ` from column ${final.column}. Why this one: `,
-    el("span", { class: "reason", "data-reason": done.reason ?? "" }, `${done.reason ?? "?"}: ${reason}`),
+    el("span", { class: "reason", "data-reason": done.reason ?? "" },
+      `${done.reason ?? "?"}: ${reason}`),
     ".",
   ];
   if (Array.isArray(done.columns_run)) parts.push(` Columns run: ${done.columns_run.join(", ")}.`);
   if (done.elapsed_ms !== undefined) {
     parts.push(` Total ${formatMs(done.elapsed_ms)}`);
     if (done.deadline_ms !== null && done.deadline_ms !== undefined) {
-      parts.push(` of ${formatMs(done.deadline_ms)}; deadline ${done.deadline_met ? "met" : "missed"}`);
+      const met = done.deadline_met ? "met" : "missed";
+      parts.push(` of ${formatMs(done.deadline_ms)}; deadline ${met}`);
     }
     parts.push(".");
   }
@@ -385,7 +396,8 @@ async function describeHttpError(response) {
     // Not JSON (a proxy's error page, say): show the text as it is.
   }
   const retry = response.headers.get("Retry-After");
-  return `The server answered ${response.status}: ${detail}.` + (retry ? ` Retry after ${retry} s.` : "");
+  return `The server answered ${response.status}: ${detail.replace(/\.$/, "")}.` +
+    (retry ? ` Retry after ${retry} s.` : "");
 }
 
 // ---------------------------------------------------------------- submitting
@@ -422,10 +434,13 @@ async function classify(event) {
   if (minConfidence !== null) headers["X-Min-Confidence"] = String(minConfidence);
 
   setBusy(true);
-  setStatus(`Sent ${state.image.name}` + (deadlineMs === null ? " with no deadline…" : ` with a ${deadlineMs} ms deadline…`));
+  const budget = deadlineMs === null ? "no deadline" : `a ${deadlineMs} ms deadline`;
+  setStatus(`Sent ${state.image.name} with ${budget}…`);
   state.startedAt = performance.now();
   try {
-    const response = await fetch("/v1/classify", { method: "POST", body, headers, signal: controller.signal });
+    const response = await fetch("/v1/classify", {
+      method: "POST", body, headers, signal: controller.signal,
+    });
     if (!response.ok) {
       showError(await describeHttpError(response));
       setStatus("No answer.");
@@ -456,8 +471,9 @@ async function classify(event) {
     });
     if (!finished) showError("The stream ended without a final answer.");
   } catch (err) {
-    if (err.name === "AbortError") setStatus("Stopped.");
-    else showError(`The request failed: ${err.message}`);
+    if (err.name !== "AbortError") showError(`The request failed: ${err.message}`);
+    // An abort by a newer request leaves that request's status alone.
+    else if (state.controller === controller) setStatus("Stopped.");
   } finally {
     if (state.controller === controller) {
       state.controller = null;
@@ -480,7 +496,8 @@ function latencyText(byBatch) {
 
 // Class names, with their index where the name is not the index itself (digits).
 function classItem(name, index) {
-  return el("li", {}, name === String(index) ? name : [el("span", { class: "muted" }, `${index} `), name]);
+  if (name === String(index)) return el("li", {}, name);
+  return el("li", {}, el("span", { class: "muted" }, `${index} `), name);
 }
 
 function renderModel(model) {
@@ -489,7 +506,8 @@ function renderModel(model) {
     ["Name", model.name],
     ["Version", model.version],
     ["Dataset", model.dataset],
-    ["Input", `${input.height}×${input.width}×${input.channels} ${input.dtype ?? ""} ${input.layout ?? ""}`.trim()],
+    ["Input", [`${input.height}×${input.width}×${input.channels}`, input.dtype, input.layout]
+      .filter(Boolean).join(" ")],
     ["Providers", (model.providers ?? []).join(", ")],
     ["Ready", model.ready ? "yes" : "no"],
   ];
@@ -499,7 +517,8 @@ function renderModel(model) {
   const header = ["Column", "Precision", "Depth", "Parameters", "Test accuracy",
     "Latency now (ms, ×batch)", "Latency at export", "Queue"];
   return el("article", { class: "model-card", "data-model": model.name },
-    el("dl", { class: "facts" }, facts.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v ?? "–")])),
+    el("dl", { class: "facts" },
+      facts.map(([name, value]) => [el("dt", {}, name), el("dd", {}, value ?? "–")])),
     el("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-label": "Columns" },
       el("table", {},
         el("caption", {}, "Columns, shallow to deep"),
@@ -530,9 +549,12 @@ async function loadModelCard() {
     if (!response.ok) throw new Error(await describeHttpError(response));
     const body = await response.json();
     const models = body.models ?? [];
-    card.replaceChildren(...(models.length ? models.map(renderModel) : [el("p", { class: "muted" }, "No model loaded.")]));
+    card.replaceChildren(...(models.length
+      ? models.map(renderModel)
+      : [el("p", { class: "muted" }, "No model loaded.")]));
   } catch (err) {
-    card.replaceChildren(el("p", { class: "error" }, `Could not read the model card: ${err.message}`));
+    card.replaceChildren(
+      el("p", { class: "error" }, `Could not read the model card: ${err.message}`));
   }
 }
 
