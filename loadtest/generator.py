@@ -15,9 +15,11 @@ generator itself counts against the answer instead of hiding (coordinated omissi
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import multiprocessing as mp
 import queue
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from loadtest.schedule import deal, poisson_arrivals, split_bound
 START_DELAY_S = 0.2
 """Time between the start signal and the first scheduled instant."""
 READY_TIMEOUT_S = 60.0
+SHARD_CONNECTIONS = 16
+"""Connections per httpx client (see `Clients`)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,41 @@ async def _send(
         return _finish(result, Answer(error=f"{type(exc).__name__}: {exc}"[:160]), now())
 
 
+class Clients:
+    """httpx clients of at most SHARD_CONNECTIONS connections each, enough for `bound`.
+
+    One client with hundreds of connections would do: but httpcore 1.0's pool rescans
+    every connection for every queued request (quadratic; encode/httpcore#1035), which
+    collapses the sender at exactly the load it exists to offer. Small clients keep each
+    scan short. A request takes the first client with a free connection, so it never
+    waits in a pool: at most `bound` requests are in flight and the clients hold that many.
+    """
+
+    def __init__(self, url: str, bound: int) -> None:
+        count = math.ceil(bound / SHARD_CONNECTIONS)
+        limits = httpx.Limits(
+            max_connections=SHARD_CONNECTIONS, max_keepalive_connections=SHARD_CONNECTIONS
+        )
+        tls = ssl.create_default_context()  # built once: loading CA roots is slow
+        self.clients = [
+            httpx.AsyncClient(base_url=url, limits=limits, timeout=None, verify=tls)
+            for _ in range(count)
+        ]
+        self.busy = [0] * count
+
+    def take(self) -> int:
+        index = next(i for i, n in enumerate(self.busy) if n < SHARD_CONNECTIONS)
+        self.busy[index] += 1
+        return index
+
+    def give_back(self, index: int) -> None:
+        self.busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
 async def run_share(
     target: Target,
     arrivals: Sequence[Arrival],
@@ -210,18 +249,19 @@ async def run_share(
 ) -> list[Result]:
     """Send this worker's arrivals on schedule, at most `bound` in flight; all results.
 
-    `start()` is called once the client is built (which takes a while on a busy machine)
-    and returns the time.monotonic() instant that the schedule counts from.
+    `start()` is called once the clients are built (which takes a while on a busy
+    machine) and returns the time.monotonic() instant that the schedule counts from.
     """
     results: list[Result] = []
     in_flight: set[asyncio.Task[Result]] = set()
-    limits = httpx.Limits(max_connections=bound, max_keepalive_connections=bound)
+    clients = Clients(target.url, bound)
 
-    def collect(task: asyncio.Task[Result]) -> None:
+    def collect(index: int, task: asyncio.Task[Result]) -> None:
         in_flight.discard(task)
+        clients.give_back(index)
         results.append(task.result())
 
-    async with httpx.AsyncClient(base_url=target.url, limits=limits, timeout=None) as client:
+    try:
         start_monotonic = start()
         for arrival in arrivals:
             delay = start_monotonic + arrival.at_s - time.monotonic()
@@ -239,11 +279,15 @@ async def run_share(
                 result.dropped = True
                 results.append(result)
                 continue
+            index = clients.take()
+            client = clients.clients[index]
             task = asyncio.create_task(_send(client, target, sample, result, start_monotonic))
             in_flight.add(task)
-            task.add_done_callback(collect)
+            task.add_done_callback(functools.partial(collect, index))
         while in_flight:
             await asyncio.wait(set(in_flight))
+    finally:
+        await clients.aclose()
     return results
 
 
@@ -264,7 +308,11 @@ def _worker_main(
             raise RuntimeError("no start signal")
         return time.monotonic() + (start_wall.value - time.time())
 
-    results = asyncio.run(run_share(target, arrivals, samples, bound, start, worker))
+    try:
+        results = asyncio.run(run_share(target, arrivals, samples, bound, start, worker))
+    except BaseException as exc:  # report, rather than leave the parent waiting
+        out.put((worker, f"{type(exc).__name__}: {exc}"))
+        raise
     out.put((worker, results))
 
 
@@ -308,7 +356,9 @@ def run_load(
         limit = START_DELAY_S + plan.duration_s + target.timeout_s + READY_TIMEOUT_S
         merged: list[Result] = []
         for _ in procs:
-            _, part = out.get(timeout=limit)
+            worker, part = out.get(timeout=limit)
+            if isinstance(part, str):
+                raise RuntimeError(f"load-generator worker {worker} failed: {part}")
             merged.extend(part)
     except queue.Empty:
         raise RuntimeError("a load-generator worker did not report back") from None

@@ -70,6 +70,7 @@ def summarize(
     firsts = [r.first_answer_ms for r in completed if r.first_answer_ms is not None]
     return {
         "duration_s": duration_s,
+        "elapsed_s": round(window_done, 3),
         "offered_rate_rps": offered_rate_rps,
         "scheduled_rate_rps": round(scheduled / duration_s, 3),
         "sent_rate_rps": round(sent / window_sent, 3),

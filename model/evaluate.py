@@ -28,9 +28,11 @@ from model.train import (
 )
 from service.bundle import (
     MANIFEST,
+    BundleError,
     LatencyProfile,
     Manifest,
     load_bundle,
+    read_manifest,
     write_manifest,
 )
 from service.runtime import (
@@ -189,35 +191,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path: Path = args.path
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        print(run(args))
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"fractal eval: {exc}") from exc
+    return 0
+
+
+def run(args: argparse.Namespace) -> str:
+    """Score `args.path` and return the table to print."""
+    path: Path = args.path
     if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
         if args.update_manifest and args.limit is not None:
-            raise SystemExit(
-                "fractal eval: --update-manifest needs the whole test set (no --limit)"
-            )
-        manifest = load_bundle(path)
+            raise ValueError("--update-manifest needs the whole test set, not --limit")
         if args.update_manifest and args.dataset not in (None, manifest.dataset):
-            raise SystemExit(
-                f"fractal eval: the manifest describes {manifest.dataset}, not {args.dataset}"
-            )
+            raise ValueError(f"the manifest describes {manifest.dataset}, not {args.dataset}")
         scores = evaluate_bundle(
             path, args.dataset, args.data_dir, args.limit, args.threads, args.latency_repeats
         )
-        print(bundle_table(scores))
-        if args.update_manifest:
-            write_manifest(path, updated_manifest(manifest, scores, describe_machine()))
-            print(f"updated {path / MANIFEST}")
-        return 0
+        if not args.update_manifest:
+            return bundle_table(scores)
+        write_manifest(path, updated_manifest(manifest, scores, describe_machine()))
+        return f"{bundle_table(scores)}\nupdated {path / MANIFEST}"
     if path.is_file():
         if args.update_manifest:
-            raise SystemExit("fractal eval: --update-manifest applies to bundles only")
+            raise ValueError("--update-manifest applies to bundles only")
         device = pick_device(args.device, dist_from_env())
-        results = evaluate_checkpoint(path, args.dataset, args.data_dir, args.limit, device)
-        print(checkpoint_table(results))
-        return 0
-    raise SystemExit(f"fractal eval: {path} is neither a checkpoint nor a bundle folder")
+        return checkpoint_table(
+            evaluate_checkpoint(path, args.dataset, args.data_dir, args.limit, device)
+        )
+    raise FileNotFoundError(f"{path} is neither a checkpoint nor a bundle folder")
 
 
 if __name__ == "__main__":

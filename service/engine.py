@@ -214,6 +214,9 @@ class Engine:
         if request.min_confidence is not None and request.column is None:
             return await self._cascade(request, model)
         candidates = self._candidates(request, model)
+        if request.deadline_ms is None and request.column is None:
+            # No deadline: the deepest column, whatever the manifest says of accuracy.
+            candidates = [model.fp32(model.columns).candidate]
         completion = self._completion(request, model)
         remaining = self._remaining_ms(request)
         choice = choose_variant(candidates, remaining, completion)

@@ -14,6 +14,26 @@ from service.imaging import check_image_type, decode_base64, decode_image, media
 from service.model import LoadedModel
 from service.settings import Settings
 
+DEADLINE_HEADER = {
+    "name": "X-Deadline-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "time budget in ms from arrival; absent: the server's default (if any)",
+}
+"""The X-Deadline-Ms header, as an OpenAPI parameter (both APIs read it)."""
+
+
+PRECISIONS = ["fp32", "int8"]
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """A JSON document, or 400 (also for nesting too deep for the parser)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRequest(f"{what} is not valid JSON") from None
+
 
 def parse_deadline_ms(value: str | None, default: float | None) -> float | None:
     """X-Deadline-Ms: a positive, finite number of milliseconds."""
@@ -43,7 +63,7 @@ def parse_column(value: str | None) -> int | None:
 def parse_precision(value: str | None) -> str:
     if value is None:
         return "fp32"
-    if value not in ("fp32", "int8"):
+    if value not in PRECISIONS:
         raise BadRequest(f"X-Precision must be fp32 or int8, got {value!r}")
     return value
 
@@ -92,10 +112,7 @@ def images_from_body(
 
 
 def _images_from_json(body: bytes, height: int, width: int, settings: Settings) -> np.ndarray:
-    try:
-        payload: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("body is not valid JSON") from None
+    payload = parse_json(body, "body")
     if not isinstance(payload, dict):
         raise BadRequest('JSON body must be an object with "image" or "images"')
     if "image" in payload and "images" in payload:

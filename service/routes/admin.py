@@ -5,7 +5,6 @@ Off (404) unless FRACTAL_ADMIN_TOKEN is set; the bearer token is compared in con
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from fastapi import APIRouter, Request
 from service.bundle import BundleError
 from service.deps import EngineDep, SettingsDep, bearer_token, token_matches
 from service.errors import BadRequest, NotFound, Unauthorized, Unprocessable
-from service.requests import read_body
+from service.requests import parse_json, read_body
 
 router = APIRouter(prefix="/admin", tags=["admin"], include_in_schema=False)
 
@@ -39,10 +38,7 @@ async def reload(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     body = await read_body(request, 64 * 1024)
     name = None
     if body.strip():
-        try:
-            payload = json.loads(body)
-        except json.JSONDecodeError:
-            raise BadRequest('body must be JSON like {"model": "name"}') from None
+        payload = parse_json(body, 'body (JSON like {"model": "name"})')
         if not isinstance(payload, dict) or not isinstance(payload.get("model", ""), str):
             raise BadRequest('body must be JSON like {"model": "name"}')
         name = payload.get("model")

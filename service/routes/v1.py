@@ -14,6 +14,8 @@ from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
 from service.errors import NotFound, ServiceError
 from service.requests import (
+    DEADLINE_HEADER,
+    PRECISIONS,
     images_from_body,
     parse_column,
     parse_confidence,
@@ -26,6 +28,16 @@ from service.responses import answer_body, column_event, done_event, model_card
 router = APIRouter(prefix="/v1", tags=["v1"])
 
 CLASSIFY_BODY = {
+    "parameters": [
+        DEADLINE_HEADER,
+        {"name": "X-Column", "in": "header", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "X-Precision", "in": "header", "schema": {"type": "string", "enum": PRECISIONS}},
+        {
+            "name": "X-Min-Confidence",
+            "in": "header",
+            "schema": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+    ],
     "requestBody": {
         "required": True,
         "content": {

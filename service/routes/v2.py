@@ -9,7 +9,6 @@ JSON. Request parameters: `timeout` (microseconds, Triton's convention), `deadli
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -21,11 +20,88 @@ from service.engine import Engine
 from service.engine import Request as EngineRequest
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from service.model import LoadedModel
-from service.requests import parse_confidence, parse_deadline_ms, read_body
+from service.requests import (
+    DEADLINE_HEADER,
+    parse_confidence,
+    parse_deadline_ms,
+    parse_json,
+    read_body,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 DTYPES = {"UINT8": np.uint8, "FP32": np.float32}
+OUTPUTS = ("probabilities", "column")
+
+INFER_BODY = {
+    "parameters": [DEADLINE_HEADER],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "deadline_ms": {"type": "number", "exclusiveMinimum": 0},
+                                "timeout": {
+                                    "type": "number",
+                                    "exclusiveMinimum": 0,
+                                    "description": "deadline in microseconds (Triton's)",
+                                },
+                                "column": {"type": "integer", "minimum": 1},
+                                "min_confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                            },
+                        },
+                        "inputs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "datatype", "shape"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": ["images"]},
+                                    "datatype": {"type": "string", "enum": list(DTYPES)},
+                                    "shape": {
+                                        "type": "array",
+                                        "items": {"type": "integer", "minimum": 1},
+                                        "minItems": 4,
+                                        "maxItems": 4,
+                                    },
+                                    "data": {
+                                        "type": "array",
+                                        "items": {"type": "number", "minimum": 0, "maximum": 255},
+                                    },
+                                    "parameters": {
+                                        "type": "object",
+                                        "properties": {
+                                            "binary_data_size": {"type": "integer", "minimum": 0}
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string", "enum": list(OUTPUTS)}},
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    },
+}
+"""The inference request as an OpenAPI body (JSON form; the binary extension appends raw
+tensor bytes after `Inference-Header-Content-Length` bytes of this JSON)."""
 
 
 @router.get("")
@@ -86,10 +162,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         if not 0 <= n <= len(body):
             raise BadRequest("Inference-Header-Content-Length is beyond the body")
         head, rest = body[:n], body[n:]
-    try:
-        payload = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("inference request is not valid JSON") from None
+    payload = parse_json(head, "inference request")
     if not isinstance(payload, dict):
         raise BadRequest("inference request must be a JSON object")
     return payload, rest
@@ -127,7 +200,12 @@ def _images(payload: dict[str, Any], binary: bytes, model: LoadedModel, limit: i
         raise BadRequest("input parameters must be an object")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if size != count * np.dtype(dtype).itemsize or len(binary) < size:
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size != count * np.dtype(dtype).itemsize
+            or len(binary) < size
+        ):
             raise BadRequest("binary_data_size does not match the shape and datatype")
         array = np.frombuffer(binary[:size], dtype=dtype)
     else:
@@ -147,6 +225,22 @@ def _images(payload: dict[str, Any], binary: bytes, model: LoadedModel, limit: i
             raise BadRequest("UINT8 data must be whole numbers")
         array = np.round(array).astype(np.uint8)
     return array.reshape(shape)
+
+
+def _outputs(payload: dict[str, Any]) -> set[str]:
+    """The outputs asked for (`outputs: [{"name": ...}]`); all of them when absent."""
+    wanted = payload.get("outputs")
+    if wanted is None or wanted == []:
+        return set(OUTPUTS)
+    if not isinstance(wanted, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted
+    ):
+        raise BadRequest('outputs must be a list of {"name": "..."} objects')
+    names = {o["name"] for o in wanted}
+    unknown = names - set(OUTPUTS)
+    if unknown:
+        raise BadRequest(f"unknown outputs {sorted(unknown)}")
+    return names
 
 
 def _deadline(params: dict[str, Any], header: str | None, default: float | None) -> float | None:
@@ -176,7 +270,7 @@ def _column(params: dict[str, Any]) -> int | None:
     return column
 
 
-@router.post("/models/{name}/infer", dependencies=[InferenceAccess])
+@router.post("/models/{name}/infer", dependencies=[InferenceAccess], openapi_extra=INFER_BODY)
 async def infer(name: str, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     arrival = getattr(request.state, "arrival_s", engine.clock())
     model = _model(engine, name)
@@ -186,6 +280,7 @@ async def infer(name: str, request: Request, engine: EngineDep, settings: Settin
     if not isinstance(params, dict):
         raise BadRequest("parameters must be an object")
     images = _images(payload, binary, model, settings.max_images_per_request)
+    wanted = _outputs(payload)
     deadline = _deadline(params, request.headers.get("x-deadline-ms"), settings.default_deadline_ms)
     threshold = parse_confidence(params.get("min_confidence"), "min_confidence")
     request.state.deadline_ms = deadline
@@ -208,13 +303,7 @@ async def infer(name: str, request: Request, engine: EngineDep, settings: Settin
         },
         {"name": "column", "datatype": "INT32", "shape": [n], "data": [final.variant.column] * n},
     ]
-    wanted = payload.get("outputs")
-    if isinstance(wanted, list) and wanted:
-        names = {o.get("name") for o in wanted if isinstance(o, dict)}
-        unknown = names - {"probabilities", "column"}
-        if unknown:
-            raise BadRequest(f"unknown outputs {sorted(map(str, unknown))}")
-        outputs = [o for o in outputs if o["name"] in names]
+    outputs = [o for o in outputs if o["name"] in wanted]
     result: dict[str, Any] = {
         "model_name": model.name,
         "model_version": model.manifest.version,

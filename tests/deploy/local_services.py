@@ -56,7 +56,9 @@ def wait_for(
                 f"{what}: the process exited with {process.returncode}\n{tail(log) if log else ''}"
             )
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s\n{tail(log) if log else ''}")
+            raise AssertionError(
+                f"{what}: not within {timeout_s:.0f} s\n{tail(log) if log else ''}"
+            )
         time.sleep(0.25)
 
 
@@ -90,8 +92,18 @@ def running(command: Sequence[str], log: Path) -> Iterator[subprocess.Popen[byte
 def fractal_server(bundle: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
     """`fractal serve` on a free loopback port; yields its base URL once it is ready."""
     port = free_port()
-    command = [sys.executable, "-m", "fractal.cli", "serve", "--model", str(bundle),
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "fractal.cli",
+        "serve",
+        "--model",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with running(command, log) as process:
         url = f"http://127.0.0.1:{port}"
         wait_for(ready(f"{url}/v2/health/ready"), timeout_s, "fractal serve", process, log)
@@ -103,7 +115,9 @@ def png_bytes(size: tuple[int, int] = (40, 30)) -> bytes:
     from PIL import Image
 
     image = Image.new("RGB", size)
-    image.putdata([((7 * i) % 256, (13 * i) % 256, (29 * i) % 256) for i in range(size[0] * size[1])])
+    image.putdata(
+        [((7 * i) % 256, (13 * i) % 256, (29 * i) % 256) for i in range(size[0] * size[1])]
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -1,12 +1,14 @@
 """Metric names: documented (docs/metrics.md), exported (a live /metrics), and used.
 
 The deployment files (alert rules, the Grafana dashboard) may only query names that
-docs/metrics.md lists; `unknown_names(used, known)` is the check, for any set of known
-names, so server tests can pass the names a live server exports instead.
+docs/metrics.md lists. `dashboard_unknown_names(known)` is that check for the dashboard,
+for any set of known names: `documented_names()`, or `exported_names(text)` of a live
+server's /metrics.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS_DOC = REPO / "docs" / "metrics.md"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "fractal.json"
 
 # Series a histogram or summary adds to its name.
 SERIES_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -25,8 +28,22 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*", "$deadline_ms"
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENTIFIER = re.compile(r"(?<![\w.:$])[A-Za-z_:][\w:]*+(?!\s*\()")
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-             "group_left", "group_right", "inf", "nan", "atan2"}
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def documented_names(doc: Path = METRICS_DOC) -> set[str]:
@@ -93,3 +110,12 @@ def dashboard_queries(dashboard: dict[str, Any]) -> dict[str, str]:
         match = re.fullmatch(r"label_values\((\w+)\s*,\s*\w+\)", query)
         queries[f"variable {variable['name']!r}"] = match.group(1) if match else query
     return queries
+
+
+def dashboard_unknown_names(known: set[str], path: Path = DASHBOARD) -> dict[str, set[str]]:
+    """Queries of the dashboard at `path` that select names outside `known`, by where."""
+    unknown = {
+        where: unknown_names(promql_names(expr), known)
+        for where, expr in dashboard_queries(json.loads(path.read_text())).items()
+    }
+    return {where: names for where, names in unknown.items() if names}

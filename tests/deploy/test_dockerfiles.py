@@ -50,9 +50,13 @@ class Dockerfile:
 
 def parse(path: Path) -> Dockerfile:
     """Instructions per stage (continuation lines joined, comments dropped)."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")
-    ))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(
+            line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")
+        ),
+    )
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
     for line in text.splitlines():
@@ -115,7 +119,9 @@ def test_runtime_contract(flavor: str) -> None:
     assert "--start-period=" in healthcheck, "start-up profiles every column before ready"
 
     # Only the serving extra, from the constraints file, and no torch in any stage.
-    installs = [args for stage in dockerfile.stages for args in stage.all("RUN") if "pip install" in args]
+    installs = [
+        args for stage in dockerfile.stages for args in stage.all("RUN") if "pip install" in args
+    ]
     assert len(installs) == 1
     assert f'".[{flavor}]"' in installs[0] and "-c constraints.txt" in installs[0]
     for stage in dockerfile.stages:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from local_services import classify, free_port, ready, running, tail, wait_for
+
+from .local_services import classify, free_port, ready, running, tail, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = "localhost/fractal-test-base:bookworm"
@@ -30,6 +31,10 @@ MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = "python3,python3-venv"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fractal"
 BASE_TARBALL = CACHE / f"debian-{SUITE}-python3.tar"
+# chroot isolation needs no daemon and no user namespaces; the docker format keeps
+# HEALTHCHECK, which OCI image configs have no field for.
+BUILDAH_BUD = ("buildah", "bud", "--isolation=chroot", "--format=docker")
+BUILDAH_RUN = ("buildah", "run", "--isolation=chroot", "--network=host")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -41,24 +46,26 @@ def run(command: Sequence[str], timeout_s: float, log: Path | None = None) -> st
         output = result.stdout + result.stderr
     else:
         with log.open("w") as out:
-            result = subprocess.run(list(command), stdout=out, stderr=subprocess.STDOUT,
-                                    text=True, timeout=timeout_s)
+            result = subprocess.run(
+                list(command), stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout_s
+            )
         output = tail(log)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
     return result.stdout if log is None else ""
 
 
 def image_exists(name: str) -> bool:
-    result = subprocess.run(["buildah", "inspect", "--type", "image", name],
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        ["buildah", "inspect", "--type", "image", name], capture_output=True, timeout=60
+    )
     return result.returncode == 0
 
 
 def debootstrap_tarball(workdir: Path) -> None:
     """Debian with Python 3.11 and venv, as a rootfs tarball at BASE_TARBALL."""
     rootfs = workdir / "rootfs"
-    run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", SUITE, str(rootfs),
-         MIRROR], timeout_s=1200, log=workdir / "debootstrap.log")
+    debootstrap = ["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}"]
+    run([*debootstrap, SUITE, str(rootfs), MIRROR], timeout_s=1200, log=workdir / "debootstrap.log")
     for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for entry in (rootfs / cache).glob("*"):
             if entry.is_file():
@@ -76,6 +83,8 @@ def ensure_base_image(workdir: Path) -> None:
         return
     if fresh or not BASE_TARBALL.exists():
         debootstrap_tarball(workdir)
+    # Replace, rather than leave a nameless copy of, an older base.
+    subprocess.run(["buildah", "rmi", BASE_IMAGE], capture_output=True, timeout=120)
     container = run(["buildah", "from", "scratch"], timeout_s=60).strip()
     try:
         run(["buildah", "add", container, str(BASE_TARBALL), "/"], timeout_s=600)
@@ -87,31 +96,36 @@ def ensure_base_image(workdir: Path) -> None:
 
 def ca_bundle() -> str | None:
     """The CA file pip should trust inside the build (an intercepting proxy's, if any)."""
-    for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
-                      ssl.get_default_verify_paths().cafile,
-                      "/etc/ssl/certs/ca-certificates.crt"):
+    for candidate in (
+        os.environ.get("PIP_CERT"),
+        os.environ.get("SSL_CERT_FILE"),
+        ssl.get_default_verify_paths().cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
         if candidate and Path(candidate).is_file():
             return candidate
     return None
 
 
 @pytest.fixture(scope="module")
-def image(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def image(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The CPU image, built on the local base with the test's tiny bundle baked in."""
     for tool in ("buildah", "debootstrap"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (Debian package {tool}; make system)")
     if os.geteuid() != 0:
         pytest.skip("building with buildah's chroot isolation and debootstrap needs root")
+    bundle: Path = request.getfixturevalue("tiny_bundle")
     workdir = tmp_path_factory.mktemp("image")
     ensure_base_image(workdir)
     tag = f"localhost/fractal-anytime:test-{os.getpid()}"
-    build = ["buildah", "bud", "--isolation", "chroot", "--format", "docker",
-             "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-             "--build-context", f"bundle={tiny_bundle}",
-             "--file", str(REPO / "Dockerfile"), "--tag", tag]
+    build = [*BUILDAH_BUD, f"--tag={tag}", f"--file={REPO / 'Dockerfile'}"]
+    build += [f"--build-arg=BASE_IMAGE={BASE_IMAGE}", f"--build-context=bundle={bundle}"]
     ca = ca_bundle()
     if ca:
-        build += ["--secret", f"id=ca-bundle,src={ca}"]
+        build.append(f"--secret=id=ca-bundle,src={ca}")
     try:
         run([*build, str(REPO)], timeout_s=1200, log=workdir / "build.log")
         yield tag
@@ -139,8 +153,7 @@ def container(image: str) -> Iterator[str]:
 def in_container(container: str, *command: str, env: dict[str, str] | None = None) -> list[str]:
     """A `buildah run` command line: chroot isolation, host network, the image's user."""
     flags = [f"--env={key}={value}" for key, value in (env or {}).items()]
-    return ["buildah", "run", "--isolation", "chroot", "--network", "host", *flags,
-            container, "--", *command]
+    return [*BUILDAH_RUN, *flags, container, "--", *command]
 
 
 def test_image_config(config: dict[str, Any]) -> None:
@@ -154,11 +167,13 @@ def test_image_config(config: dict[str, Any]) -> None:
 
 
 def test_image_has_no_torch_and_no_sources(container: str) -> None:
-    check = ("import importlib.util as u, pathlib as p; "
-             "assert u.find_spec('onnxruntime') and u.find_spec('service.app'); "
-             "assert u.find_spec('torch') is None, 'torch in the serving image'; "
-             "assert not p.Path('/src').exists(); "
-             "assert p.Path('/models/default/manifest.json').is_file()")
+    check = (
+        "import importlib.util as u, pathlib as p; "
+        "assert u.find_spec('onnxruntime') and u.find_spec('service.app'); "
+        "assert u.find_spec('torch') is None, 'torch in the serving image'; "
+        "assert not p.Path('/src').exists(); "
+        "assert p.Path('/models/default/manifest.json').is_file()"
+    )
     run(in_container(container, "python", "-c", check), timeout_s=120)
 
 

@@ -33,8 +33,13 @@ def kubectl() -> str:
     if path is None:
         pytest.skip("kubectl not installed (make system)")
     version = json.loads(
-        subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True,
-                       text=True, timeout=60, check=True).stdout
+        subprocess.run(
+            [path, "version", "--client", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
     ).get("kustomizeVersion", "v0")
     numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
     if numbers < MIN_KUSTOMIZE:
@@ -44,8 +49,12 @@ def kubectl() -> str:
 
 @cache
 def render(overlay: str) -> tuple[Manifest, ...]:
-    result = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -58,7 +67,7 @@ def by_kind(overlay: str) -> dict[str, Manifest]:
 
 def container(overlay: str) -> dict[str, Any]:
     (server,) = by_kind(overlay)["Deployment"]["spec"]["template"]["spec"]["containers"]
-    return server  # type: ignore[no-any-return]
+    return server
 
 
 def strict_validate(manifest: Manifest) -> None:
@@ -132,8 +141,11 @@ def test_service_scaling_and_disruption_target_the_pods(overlay: str) -> None:
         assert selector.items() <= pod_labels.items(), kind
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     hpa = kinds["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert hpa["minReplicas"] >= 2, "one replica can be disrupted while one serves"
     assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -153,8 +165,10 @@ def test_overlays_pick_their_image_and_hardware() -> None:
 
 
 def extras() -> dict[str, list[Manifest]]:
-    return {path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-            for path in sorted((K8S / "extras").glob("*.yaml"))}
+    return {
+        path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        for path in sorted((K8S / "extras").glob("*.yaml"))
+    }
 
 
 def test_custom_metric_hpa_example_validates_and_targets_the_cpu_overlay() -> None:
@@ -174,7 +188,10 @@ def test_servicemonitor_selects_the_service_port() -> None:
     assert monitor["kind"] == "ServiceMonitor"
     for overlay in OVERLAYS:
         service = by_kind(overlay)["Service"]
-        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert (
+            monitor["spec"]["selector"]["matchLabels"].items()
+            <= service["metadata"]["labels"].items()
+        )
         assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "fractal", (
             "alerts.yml selects job=fractal"
         )

@@ -62,8 +62,8 @@ def test_setups() -> None:
 def test_smoke_run(capsys: pytest.CaptureFixture[str]) -> None:
     threads = torch.get_num_threads()
     try:
-        argv = ["--preset", "tiny-c4", "--batch-size", "4", "--steps", "1", "--rounds", "2",
-                "--warmup", "1", "--threads", "1"]  # fmt: skip
+        argv = ["--preset", "tiny-c4", "--batch-size", "2", "--steps", "1", "--rounds", "1",
+                "--warmup", "0", "--threads", "1"]  # fmt: skip
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)

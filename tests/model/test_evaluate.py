@@ -10,7 +10,7 @@ import pytest
 
 from model.evaluate import (
     VariantScore,
-    evaluate_checkpoint,
+    evaluate_bundle,
     format_table,
     main,
     updated_manifest,
@@ -18,26 +18,26 @@ from model.evaluate import (
 from service.bundle import load_bundle, read_manifest
 
 
-def test_checkpoint_scores_match_training(tiny_checkpoint: Path) -> None:
+def test_eval_checkpoint_reproduces_training(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Same calibration images and test set as the training run's last evaluation."""
     rows = (tiny_checkpoint.parent / "metrics.jsonl").read_text().splitlines()
     reported = json.loads(rows[-1])["test"]
-    results = evaluate_checkpoint(tiny_checkpoint)
-    assert list(results) == ["full", "column_1", "column_2", "column_3", "column_4"]
-    for head, r in results.items():
-        assert r["accuracy"] == pytest.approx(reported[head]["accuracy"], abs=1e-9)
-        assert r["loss"] == pytest.approx(reported[head]["loss"], rel=1e-5)
-
-
-def test_eval_checkpoint_prints_a_table(
-    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main([str(tiny_checkpoint), "--dataset", "digits", "--limit", "50"]) == 0
+    assert main([str(tiny_checkpoint), "--dataset", "digits"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["head", "loss", "top-1"]
-    heads = ["full", *(f"column_{k}" for k in range(1, 5))]
-    assert [line.split()[0] for line in lines[1:]] == heads
-    assert all(0.0 <= float(line.split()[2]) <= 1.0 for line in lines[1:])
+    table = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert list(table) == ["full", "column_1", "column_2", "column_3", "column_4"]
+    for head, (loss, top1) in table.items():
+        assert float(top1) == pytest.approx(reported[head]["accuracy"], abs=5e-5)
+        assert float(loss) == pytest.approx(reported[head]["loss"], abs=5e-5)
+
+
+def test_eval_bundle_limit(tiny_bundle: Path) -> None:
+    scores = evaluate_bundle(tiny_bundle, limit=20, threads=1, latency_repeats=1)
+    assert len(scores) == len(load_bundle(tiny_bundle).variants)
+    assert all(round(s.accuracy * 20, 9).is_integer() for s in scores)
 
 
 def test_eval_bundle_reproduces_the_manifest(
@@ -59,8 +59,9 @@ def test_eval_bundle_reproduces_the_manifest(
 
 def test_update_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
-    with pytest.raises(SystemExit):
-        main([str(bundle), "--update-manifest", "--limit", "10"])
+    for refused in (["--limit", "10"], ["--dataset", "synthetic"]):
+        with pytest.raises(SystemExit):
+            main([str(bundle), "--update-manifest", *refused])
     before = read_manifest(bundle)
     assert main([str(bundle), "--update-manifest", "--latency-repeats", "1"]) == 0
     after = load_bundle(bundle)  # still valid, and the hashes still hold
@@ -83,9 +84,13 @@ def test_updated_manifest_replaces_only_measurements(tiny_bundle: Path) -> None:
     assert type(updated).model_validate(updated.model_dump()) == updated
 
 
-def test_eval_refuses_what_it_cannot_score(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_eval_refuses_what_it_cannot_score(
+    tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
     with pytest.raises(SystemExit):
         main([str(tiny_checkpoint), "--update-manifest"])
+    with pytest.raises(SystemExit, match="differ from the model's"):
+        main([str(tiny_bundle), "--dataset", "synthetic", "--limit", "5"])
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing-here")])
 

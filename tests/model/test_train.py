@@ -102,7 +102,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     """Two epochs straight equal one epoch, a stop, and a resumed second epoch: the
     weights, optimizer and every random stream (drop-path, augmentation, dropout)
     continue where they stopped."""
-    common = [*SYNTHETIC, "--epochs", "2", "--augment", "plus"]
+    common = [*SYNTHETIC, "--epochs", "2", "--augment", "plus", "--eval-every", "2"]
     straight = train(parse_args([*common, "--out", str(tmp_path / "straight")]))
     stopped = tmp_path / "stopped"
     # A minimal time budget stops cleanly after the first epoch, as a preempted job would.

@@ -1,0 +1,1 @@
+"""Tests of the deployment files: images, Compose, Prometheus, Grafana, Kubernetes."""
