@@ -27,6 +27,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "6",
             "--lr",
             "0.05",
+            "--batch-size",
+            "32",
             "--holdout",
             "200",
             "--eval-every",
