@@ -19,10 +19,10 @@ import httpx
 from loadtest.ceiling import format_ceiling, run_ceiling
 from loadtest.deadlines import parse_deadline
 from loadtest.generator import Target, build_plan, run_load
-from loadtest.protocol import LIVE_PATH, MODELS_PATH, column_count, model_classes
 from loadtest.report import format_table, summarize, write_csv, write_json
 from loadtest.samples import Sample, load_samples
 from loadtest.sweep import format_sweep, parse_grid, run_sweep
+from service.protocol import LIVE_PATH, MODELS_PATH, column_count, model_classes
 
 log = logging.getLogger("loadtest")
 

@@ -29,7 +29,9 @@ import httpx
 import numpy as np
 
 from loadtest.deadlines import Deadline, sample_deadlines
-from loadtest.protocol import (
+from loadtest.samples import Sample
+from loadtest.schedule import deal, poisson_arrivals, split_bound
+from service.protocol import (
     CLASSIFY_PATH,
     LIVE_PATH,
     NO_DONE,
@@ -40,8 +42,6 @@ from loadtest.protocol import (
     classify_headers,
     error_text,
 )
-from loadtest.samples import Sample
-from loadtest.schedule import deal, poisson_arrivals, split_bound
 
 START_DELAY_S = 0.2
 """Time between the start signal and the first scheduled instant."""
@@ -195,6 +195,8 @@ async def _send(
                         if event.name == "prediction" and result.first_answer_ms is None:
                             result.first_answer_ms = _ms(now() - result.scheduled_s)
                         answer = after_event(answer, event)
+                for event in parser.feed(""):  # a last event without its blank line
+                    answer = after_event(answer, event)
                 return _finish(result, answer, now())
             finally:
                 await response.aclose()

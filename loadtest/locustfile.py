@@ -28,14 +28,14 @@ import numpy as np
 from locust import HttpUser, constant_throughput, task
 
 from loadtest.deadlines import parse_deadline
-from loadtest.protocol import (
+from loadtest.samples import load_samples
+from service.protocol import (
     CLASSIFY_PATH,
     answer_from_json,
     classify_headers,
     error_text,
     stream_answer,
 )
-from loadtest.samples import load_samples
 
 DEADLINE = parse_deadline(os.environ.get("FRACTAL_LOADTEST_DEADLINE", "uniform:10:80"))
 SAMPLES = load_samples(os.environ.get("FRACTAL_LOADTEST_IMAGES") or None)

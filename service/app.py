@@ -67,7 +67,7 @@ def create_app(
         try:
             yield
         finally:
-            engine.draining = True
+            engine.begin_drain()
             await engine.stop()
 
     app = FastAPI(

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ import uvicorn
 from service.app import create_app
 from service.engine import Engine
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,6 +71,15 @@ def configure_logging(settings: Settings) -> dict[str, Any]:
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain before its shutdown.
+
+    On the first SIGTERM or SIGINT, readiness turns false and requests that arrive from
+    then on get 503 (reason `draining`); the listening socket stays open meanwhile, so a
+    new connection gets that 503 rather than a refused connection. Requests already in
+    flight, open streams included, run to their end, bounded by the grace period. Then
+    uvicorn's own shutdown closes the socket and idle connections, and the process exits 0.
+    """
+
     def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float) -> None:
         super().__init__(config)
         self.engine = engine
@@ -79,14 +91,21 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             self.force_exit = self._draining is not None
             return
-        logging.getLogger(__name__).info("signal %d: draining (grace %.0f s)", sig, self.grace_s)
-        self.engine.draining = True
-        self._draining = asyncio.get_event_loop().create_task(self._drain_then_exit())
+        # Only schedule here: the drain begins on the loop, after the requests already
+        # received have started, so they count as arrived before it.
+        self._draining = asyncio.get_event_loop().create_task(self._drain_then_exit(sig))
 
-    async def _drain_then_exit(self) -> None:
-        await self.engine.drain(self.grace_s)
-        # Let responses of the last batch leave the event loop before closing connections.
-        await asyncio.sleep(0.05)
+    async def _drain_then_exit(self, sig: int) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.grace_s
+        log.info("signal %d: draining (grace %.0f s)", sig, self.grace_s)
+        self.engine.begin_drain()
+        in_flight = set(self.server_state.tasks)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=self.grace_s)
+        await self.engine.drain(max(end - loop.time(), 0.0))
+        # What is left of the grace period bounds uvicorn's wait for open connections.
+        self.config.timeout_graceful_shutdown = max(math.ceil(end - loop.time()), 1)
         self.should_exit = True
 
 

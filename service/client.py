@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from loadtest.protocol import CLASSIFY_PATH, EVENT_STREAM, Event, SseParser, classify_headers
+from service.protocol import CLASSIFY_PATH, EVENT_STREAM, Event, SseParser, classify_headers
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TOKEN_ENV = "FRACTAL_TOKEN"

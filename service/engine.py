@@ -85,7 +85,7 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.model: LoadedModel | None = None
-        self.draining = False
+        self.drain_started_s: float | None = None
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,
@@ -97,6 +97,10 @@ class Engine:
         )
 
     # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self.drain_started_s is not None
+
     @property
     def ready(self) -> bool:
         return self.model is not None and not self.draining
@@ -120,17 +124,23 @@ class Engine:
             self.metrics.ready.set(1)
             return new
 
-    async def drain(self, grace_s: float) -> None:
-        """Refuse new work, and wait (up to `grace_s`) for queued and running work."""
-        self.draining = True
+    def begin_drain(self) -> None:
+        """Readiness turns false, and requests arriving from now on are refused (503
+        draining); those that arrived before are still served."""
+        if self.drain_started_s is None:
+            self.drain_started_s = self.clock()
         self.metrics.ready.set(0)
+
+    async def drain(self, grace_s: float) -> None:
+        """`begin_drain`, then wait (up to `grace_s`) for queued and running work."""
+        self.begin_drain()
         end = self.clock() + grace_s
         while not self.batcher.idle() and self.clock() < end:
             await asyncio.sleep(0.01)
 
     # -- admission ----------------------------------------------------------------------
-    def _model(self) -> LoadedModel:
-        if self.draining:
+    def _model(self, arrival_s: float) -> LoadedModel:
+        if self.drain_started_s is not None and arrival_s >= self.drain_started_s:
             raise Unavailable("server is shutting down", "draining", self.settings.retry_after_s)
         if self.model is None:
             raise Unavailable("model not loaded yet", "not_ready", self.settings.retry_after_s)
@@ -209,7 +219,7 @@ class Engine:
 
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
-        model = self._model()
+        model = self._model(request.arrival_s)
         self._check_queue(request)
         if request.min_confidence is not None and request.column is None:
             return await self._cascade(request, model)
@@ -241,9 +251,16 @@ class Engine:
     async def stream(self, request: Request) -> AsyncGenerator[StreamEvent, None]:
         """`prediction` events (column 1 first, then deeper ones that fit), then `done`.
 
-        Raises Unavailable before yielding anything when column 1 cannot answer in time."""
-        model = self._model()
+        Raises Unavailable before yielding anything when column 1 cannot answer in time.
+        With a forced column (`X-Column`) the stream is that one answer, then `done`."""
+        model = self._model(request.arrival_s)
         self._check_queue(request)
+        if request.column is not None:
+            answer = await self.classify(request)
+            answer.reason = "forced"
+            yield "prediction", answer.final
+            yield "done", answer
+            return
         async for event in self._progressive(request, model):
             yield event
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -74,10 +75,14 @@ async def classify(request: Request, engine: EngineDep, settings: SettingsDep) -
     state.deadline_ms = deadline
     model = engine.model
     if model is None:
-        engine._model()  # raises the not-ready 503
+        engine._model(arrival)  # raises the not-ready 503
         raise AssertionError
     body = await read_body(request, settings.max_body_bytes)
-    images = images_from_body(body, headers.get("content-type"), model, settings)
+    # Decoding a large image takes a while: off the event loop, so that it never stalls
+    # other requests (health checks, shedding) behind it.
+    images = await asyncio.to_thread(
+        images_from_body, body, headers.get("content-type"), model, settings
+    )
     req = EngineRequest(images, arrival, deadline, column, precision, threshold)
     if "text/event-stream" in headers.get("accept", ""):
         return await _stream(request, engine, req)

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from loadtest_stub import StubServer
 
 from loadtest import sweep
 from loadtest.cli import main
 from loadtest.report import read_csv, summarize
 from loadtest.samples import load_samples
+from tests.loadtest.loadtest_stub import StubServer
 
 LABELS = {s.data: s.label for s in load_samples()}
 

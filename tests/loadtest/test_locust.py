@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from loadtest_stub import StubServer
 
 from loadtest.samples import load_samples
+from tests.loadtest.loadtest_stub import StubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from loadtest_stub import WRONG, StubServer
 
 from loadtest.deadlines import Fixed, NoDeadline, Uniform
 from loadtest.generator import Result, Target, build_plan, run_load
 from loadtest.report import summarize
 from loadtest.samples import load_samples
+from tests.loadtest.loadtest_stub import WRONG, StubServer
 
 SAMPLES = load_samples()
 LABELS = {s.data: s.label for s in SAMPLES}

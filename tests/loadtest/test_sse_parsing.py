@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loadtest.protocol import (
+from service.protocol import (
     Answer,
     answer_from_done,
     answer_from_error,

@@ -10,10 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_support import ThreadServer, free_port, manifest_profile, serve_in_thread
 
 from service.bundle import read_manifest, write_manifest
 from service.settings import Settings
+from tests.reliability.reliability_support import (
+    ThreadServer,
+    free_port,
+    manifest_profile,
+    serve_in_thread,
+)
 
 
 def copy_bundle(source: Path, dest: Path, version: str) -> Path:

@@ -9,10 +9,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,24 @@ def image_bytes(seed: int = 0, size: tuple[int, int] = (24, 20), fmt: str = "PNG
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def blank_png(width: int, height: int, rgb: bool = False) -> bytes:
+    """A complete, valid black PNG of `width` x `height`, at one bit per pixel (or 8-bit
+    RGB): the file is about 1/1000 of the pixels it decodes to (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = b"\x00" * (1 + (3 * width if rgb else (width + 7) // 8))  # filter byte, pixels
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, *((8, 2) if rgb else (1, 0)), 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
 
 
 def manifest_profile(bundle: Path) -> dict[str, dict[int, float]]:
@@ -165,8 +185,10 @@ def serve_process(bundle: Path, log_path: Path, **env: str) -> Iterator[ProcessS
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"fractal serve exited with {process.returncode}:\n"
-                                   + log_path.read_text(errors="replace"))
+                raise RuntimeError(
+                    f"fractal serve exited with {process.returncode}:\n"
+                    + log_path.read_text(errors="replace")
+                )
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/v2/health/ready", timeout=2.0).status_code == 200:
                     break
@@ -229,6 +251,10 @@ class Traffic:
             worker.start()
         return self
 
+    def stop(self) -> None:
+        """Send no more requests (those in flight finish)."""
+        self._stop.set()
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for worker in self._workers:
@@ -245,4 +271,3 @@ def read_sse(response: httpx.Response) -> list[tuple[str, Any]]:
         elif line.startswith("data: ") and kind is not None:
             events.append((kind, json.loads(line[len("data: ") :])))
     return events
-

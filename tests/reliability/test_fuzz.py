@@ -13,7 +13,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_support import ThreadServer, image_bytes
 
 from service.bundle import read_manifest
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -21,6 +20,7 @@ from service.imaging import decode_image
 from service.model import LoadedModel
 from service.requests import images_from_body
 from service.settings import Settings
+from tests.reliability.reliability_support import ThreadServer, image_bytes
 
 FUZZ = settings(
     max_examples=50,
@@ -42,9 +42,7 @@ OPERATIONS = [
 """Operations and modes to fuzz (a GET with only a path parameter has nothing to negate)."""
 
 
-def check_answer(
-    status: int, body: bytes, headers: dict[str, str], private: list[str]
-) -> None:
+def check_answer(status: int, body: bytes, headers: dict[str, str], private: list[str]) -> None:
     """No 5xx but load shedding; an error is a JSON object with an "error" string; nothing
     private (stack trace, server paths) leaks."""
     text = body.decode("utf-8", "replace")
@@ -63,8 +61,9 @@ def check_answer(
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), OPERATIONS)
-def test_api_fuzz(live: ThreadServer, bundle: Path, method: str, path: str,
-                  mode: schemathesis.GenerationMode) -> None:
+def test_api_fuzz(
+    live: ThreadServer, bundle: Path, method: str, path: str, mode: schemathesis.GenerationMode
+) -> None:
     schema = schemathesis.openapi.from_dict(live.app.openapi())
     operation = schema[path][method]
     # Valid requests must name the model to get past the 404.
@@ -101,12 +100,14 @@ def png_declaring(width: int, height: int, idat: bytes = b"") -> bytes:
     """A PNG whose header declares `width` x `height` (8-bit RGB), with `idat` as its data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 @st.composite
@@ -129,8 +130,10 @@ def test_truncated_images(image: bytes, cut: float) -> None:
 
 
 @FUZZ
-@given(image=real_images(), flips=st.lists(st.tuples(st.integers(0), st.integers(0, 255)),
-                                           min_size=1, max_size=8))
+@given(
+    image=real_images(),
+    flips=st.lists(st.tuples(st.integers(0), st.integers(0, 255)), min_size=1, max_size=8),
+)
 def test_corrupted_images(image: bytes, flips: list[tuple[int, int]]) -> None:
     data = bytearray(image)
     for position, value in flips:
@@ -139,8 +142,9 @@ def test_corrupted_images(image: bytes, flips: list[tuple[int, int]]) -> None:
 
 
 @FUZZ
-@given(width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1),
-       idat=st.binary(max_size=64))
+@given(
+    width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1), idat=st.binary(max_size=64)
+)
 def test_huge_declared_dimensions(width: int, height: int, idat: bytes) -> None:
     data = png_declaring(width, height, zlib.compress(idat))
     if width * height > MAX_PIXELS:
@@ -158,15 +162,25 @@ def model(bundle: Path) -> LoadedModel:
 
 CONTENT_TYPES = st.one_of(
     st.none(),
-    st.sampled_from(["image/png", "image/jpeg", "application/json",
-                     "application/json; charset=utf-8", "application/octet-stream",
-                     "text/plain", "multipart/form-data"]),
+    st.sampled_from(
+        [
+            "image/png",
+            "image/jpeg",
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/octet-stream",
+            "text/plain",
+            "multipart/form-data",
+        ]
+    ),
     st.text(max_size=30),
 )
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(["image", "images", "x"]), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["image", "images", "x"]), children, max_size=3)
+    ),
     max_leaves=10,
 )
 

@@ -62,8 +62,9 @@ class LiveServer:
 @contextmanager
 def serve(settings: Settings) -> Iterator[LiveServer]:
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning",
-                            lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -94,8 +95,9 @@ def service_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(tiny_bundle, out)
     manifest = read_manifest(out)
     variants = tuple(
-        v.model_copy(update={"accuracy": 0.5 + 0.1 * v.column - (0.01 if v.precision == "int8"
-                                                                 else 0.0)})
+        v.model_copy(
+            update={"accuracy": 0.5 + 0.1 * v.column - (0.01 if v.precision == "int8" else 0.0)}
+        )
         for v in manifest.variants
     )
     write_manifest(out, manifest.model_copy(update={"variants": variants}))
@@ -106,8 +108,12 @@ def service_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 def make_settings(service_bundle: Path, fixed_profile: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "model_path": service_bundle, "port": free_port(), "latency_profile_path": fixed_profile,
-            "latency_learning": False, "deadline_margin_ms": 0.0, "log_json": False,
+            "model_path": service_bundle,
+            "port": free_port(),
+            "latency_profile_path": fixed_profile,
+            "latency_learning": False,
+            "deadline_margin_ms": 0.0,
+            "log_json": False,
             "intra_op_threads": 1,
         }
         values.update(overrides)

@@ -44,10 +44,16 @@ class FakeVariant:
         pass
 
 
-def job(variant: FakeVariant, pixel: int, deadline: float, clock: FakeClock, n: int = 1,
-        drop: bool = False) -> Job:
+def job(
+    variant: FakeVariant,
+    pixel: int,
+    deadline: float,
+    clock: FakeClock,
+    n: int = 1,
+    drop: bool = False,
+) -> Job:
     images = np.full((n, 2, 2, 3), pixel, dtype=np.uint8)
-    return Job(variant, images, deadline, clock(), drop_when_late=drop)  # type: ignore[arg-type]
+    return Job(variant, images, deadline, clock(), drop_when_late=drop)
 
 
 async def test_queued_work_is_batched_and_fanned_out() -> None:
@@ -81,8 +87,12 @@ async def test_earliest_deadline_first_across_variants() -> None:
     log: list[tuple[str, int]] = []
     b = Batcher(clock, max_batch=1, max_wait_ms=0)
     a, c = FakeVariant("a", log=log), FakeVariant("c", log=log)
-    futures = [b.submit(job(a, 0, 3.0, clock)), b.submit(job(c, 0, 1.0, clock)),
-               b.submit(job(a, 0, 2.0, clock)), b.submit(job(c, 0, 4.0, clock))]
+    futures = [
+        b.submit(job(a, 0, 3.0, clock)),
+        b.submit(job(c, 0, 1.0, clock)),
+        b.submit(job(a, 0, 2.0, clock)),
+        b.submit(job(c, 0, 4.0, clock)),
+    ]
     b.start()
     await asyncio.gather(*futures)
     await b.stop()

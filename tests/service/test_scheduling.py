@@ -16,8 +16,13 @@ from service.scheduling import (
     predict_completion_ms,
 )
 
-COST = {"column_1": 5.0, "column_2": 20.0, "column_3": 60.0, "column_4": 150.0,
-        "column_2_int8": 12.0}
+COST = {
+    "column_1": 5.0,
+    "column_2": 20.0,
+    "column_3": 60.0,
+    "column_4": 150.0,
+    "column_2_int8": 12.0,
+}
 CANDIDATES = [
     Candidate("column_1", 1, "fp32", 0.70),
     Candidate("column_2", 2, "fp32", 0.80),
@@ -62,21 +67,24 @@ def test_completion_counts_work_ahead_and_batches_with_its_own_variant() -> None
     # A running batch with 7 ms left, then our run.
     assert predict_completion_ms("column_2", 1, [], 7.0, flat, 32) == 27.0
     # Three column-2 images ahead ride in the same batch of 4.
-    assert predict_completion_ms("column_2", 1, [Waiting("column_2", 3)], 0.0, flat, 32) == \
-        flat("column_2", 4)
+    assert predict_completion_ms("column_2", 1, [Waiting("column_2", 3)], 0.0, flat, 32) == flat(
+        "column_2", 4
+    )
     # Other variants' work is paid for in full batches' amortised share.
     ahead = [Waiting("column_4", 2)]
-    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == \
-        flat("column_4", 2) + 5.0
+    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == flat("column_4", 2) + 5.0
     # Two workers share the work ahead.
-    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32, workers=2) == \
-        flat("column_4", 2) / 2 + 5.0
+    assert (
+        predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32, workers=2)
+        == flat("column_4", 2) / 2 + 5.0
+    )
 
 
 def test_completion_spills_into_a_second_batch() -> None:
     ahead = [Waiting("column_1", 32)]
-    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == \
-        flat("column_1", 32) + flat("column_1", 1)
+    assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == flat(
+        "column_1", 32
+    ) + flat("column_1", 1)
 
 
 def test_stream_order_aims_at_the_deepest_that_fits() -> None:

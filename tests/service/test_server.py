@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests_support import png_bytes, read_sse
+from tests.service.tests_support import png_bytes, read_sse
 
 
 def classify(client: httpx.Client, image: bytes, **headers: str) -> httpx.Response:
-    return client.post("/v1/classify", content=image,
-                       headers={"Content-Type": "image/png", **headers})
+    return client.post(
+        "/v1/classify", content=image, headers={"Content-Type": "image/png", **headers}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,7 @@ def test_stream_stops_at_the_deadline(live: Any, image: bytes) -> None:
     assert events[-1][0] == "done" and events[-1][1]["reason"] == "deadline"
 
 
-def test_stream_skips_a_middle_column_that_would_cost_a_deeper_one(
-    live: Any, image: bytes
-) -> None:
+def test_stream_skips_a_middle_column_that_would_cost_a_deeper_one(live: Any, image: bytes) -> None:
     # After column 1 about 330 ms remain: column 3 (300) fits, column 2 then 3 (400)
     # does not, so column 2 is skipped.
     events = read_sse(live.url, image, {"X-Deadline-Ms": "350"})
@@ -132,30 +131,41 @@ def test_json_bodies(live: Any) -> None:
     assert many.json()["predictions"][0]["class_index"] == one.json()["class_index"]
 
 
-@pytest.mark.parametrize("headers", [
-    {"X-Deadline-Ms": "abc"}, {"X-Deadline-Ms": "-5"}, {"X-Deadline-Ms": "0"},
-    {"X-Deadline-Ms": "inf"}, {"X-Deadline-Ms": "nan"}, {"X-Column": "two"},
-    {"X-Column": "0"}, {"X-Min-Confidence": "1.5"}, {"X-Min-Confidence": "high"},
-    {"X-Precision": "fp16"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Deadline-Ms": "abc"},
+        {"X-Deadline-Ms": "-5"},
+        {"X-Deadline-Ms": "0"},
+        {"X-Deadline-Ms": "inf"},
+        {"X-Deadline-Ms": "nan"},
+        {"X-Column": "two"},
+        {"X-Column": "0"},
+        {"X-Min-Confidence": "1.5"},
+        {"X-Min-Confidence": "high"},
+        {"X-Precision": "fp16"},
+    ],
+)
 def test_bad_headers_are_400_json(live: Any, image: bytes, headers: dict[str, str]) -> None:
     with live.client() as c:
         r = classify(c, image, **headers)
     assert r.status_code == 400 and "error" in r.json()
 
 
-@pytest.mark.parametrize(("content", "content_type", "status"), [
-    (b"not an image", "image/png", 400),
-    (b"", "image/png", 400),
-    (b"hello", "text/plain", 415),
-    (b'{"image": "***"}', "application/json", 400),
-    (b"[1, 2]", "application/json", 400),
-    (b"{broken", "application/json", 400),
-    (b'{"images": []}', "application/json", 400),
-    (b'{"other": 1}', "application/json", 400),
-])
-def test_bad_bodies_are_4xx_json(live: Any, content: bytes, content_type: str,
-                                 status: int) -> None:
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b"not an image", "image/png", 400),
+        (b"", "image/png", 400),
+        (b"hello", "text/plain", 415),
+        (b'{"image": "***"}', "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        (b"{broken", "application/json", 400),
+        (b'{"images": []}', "application/json", 400),
+        (b'{"other": 1}', "application/json", 400),
+    ],
+)
+def test_bad_bodies_are_4xx_json(live: Any, content: bytes, content_type: str, status: int) -> None:
     with live.client() as c:
         r = c.post("/v1/classify", content=content, headers={"Content-Type": content_type})
     assert r.status_code == status and r.json()["error"]
@@ -184,8 +194,9 @@ def test_any_size_and_format_is_resized(live: Any) -> None:
 
 def test_request_id_is_echoed_or_made(live: Any, image: bytes) -> None:
     with live.client() as c:
-        assert classify(c, image, **{"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == \
-            "abc-123"
+        assert (
+            classify(c, image, **{"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+        )
         assert len(classify(c, image).headers["X-Request-ID"]) >= 16
 
 
@@ -220,8 +231,7 @@ def test_same_answer_whatever_the_batch(live: Any) -> None:
         t.join()
     for a, b in zip(alone, together, strict=True):
         assert [x["class_index"] for x in a] == [x["class_index"] for x in b]
-        assert np.allclose([x["probability"] for x in a], [x["probability"] for x in b],
-                           atol=1e-5)
+        assert np.allclose([x["probability"] for x in a], [x["probability"] for x in b], atol=1e-5)
 
 
 def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
@@ -238,12 +248,17 @@ def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
             time.sleep(0.4)
             return _run(images)
 
-        variant.run = slow  # type: ignore[method-assign]
+        variant.run = slow
     try:
-        with httpx.Client(timeout=10) as c, c.stream(
-            "POST", f"{live.url}/v1/classify", content=image,
-            headers={"Content-Type": "image/png", "Accept": "text/event-stream"},
-        ) as r:
+        with (
+            httpx.Client(timeout=10) as c,
+            c.stream(
+                "POST",
+                f"{live.url}/v1/classify",
+                content=image,
+                headers={"Content-Type": "image/png", "Accept": "text/event-stream"},
+            ) as r,
+        ):
             for line in r.iter_lines():
                 if line.startswith("event: prediction"):
                     break
@@ -251,7 +266,7 @@ def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
         assert calls in ([], [2]), calls  # column 2 may have started; nothing after it
     finally:
         for key, run in originals.items():
-            model.variants[key].run = run  # type: ignore[method-assign]
+            model.variants[key].run = run
 
 
 def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
@@ -263,8 +278,11 @@ def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
     assert 'fractal_deadline_outcomes_total{outcome="shed"}' in text
     assert 'fractal_model_info{columns="4",name="tiny",version="test"} 1.0' in text
     assert "fractal_inference_duration_seconds_bucket" in text
-    met = [ln for ln in text.splitlines() if ln.startswith(
-        'fractal_deadline_outcomes_total{outcome="met"}')]
+    met = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('fractal_deadline_outcomes_total{outcome="met"}')
+    ]
     assert met and float(met[0].split()[-1]) >= 1
 
 

@@ -12,7 +12,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests_support import png_bytes
+from tests.service.tests_support import png_bytes
 
 
 def pixels(seed: int) -> np.ndarray:
@@ -47,8 +47,11 @@ def test_infer_matches_v1(live: Any, client: triton.InferenceServerClient, binar
     assert result.as_numpy("column").tolist() == [2, 2, 2]
     with httpx.Client(base_url=live.url) as c:
         for i in range(3):
-            v1 = c.post("/v1/classify", content=png_bytes(seed=i),
-                        headers={"Content-Type": "image/png", "X-Column": "2"}).json()
+            v1 = c.post(
+                "/v1/classify",
+                content=png_bytes(seed=i),
+                headers={"Content-Type": "image/png", "X-Column": "2"},
+            ).json()
             assert int(probs[i].argmax()) == v1["class_index"]
             assert float(probs[i].max()) == pytest.approx(v1["confidence"], abs=1e-5)
 
@@ -69,33 +72,96 @@ def test_deadline_parameters(client: triton.InferenceServerClient, live: Any) ->
     inp = triton.InferInput("images", list(batch.shape), "UINT8")
     inp.set_data_from_numpy(batch)
     # 60 ms (as Triton's microsecond timeout): column 1 only.
-    assert client.infer("tiny", [inp], timeout=60000).as_numpy(
-        "column").tolist() == [1]
+    assert client.infer("tiny", [inp], timeout=60000).as_numpy("column").tolist() == [1]
     assert client.infer("tiny", [inp], parameters={"deadline_ms": 200}).as_numpy(
-        "column").tolist() == [2]
+        "column"
+    ).tolist() == [2]
     # A parameter wins over the header.
-    assert client.infer("tiny", [inp], parameters={"deadline_ms": 60},
-                        headers={"X-Deadline-Ms": "2000"}).as_numpy("column").tolist() == [1]
+    assert client.infer(
+        "tiny", [inp], parameters={"deadline_ms": 60}, headers={"X-Deadline-Ms": "2000"}
+    ).as_numpy("column").tolist() == [1]
     assert client.infer("tiny", [inp], headers={"X-Deadline-Ms": "200"}).as_numpy(
-        "column").tolist() == [2]
+        "column"
+    ).tolist() == [2]
     with pytest.raises(InferenceServerException, match="deadline"):
         client.infer("tiny", [inp], parameters={"deadline_ms": 1})
 
 
-@pytest.mark.parametrize(("body", "status"), [
-    ({"inputs": []}, 400),
-    ({"inputs": [{"name": "x", "shape": [1, 16, 16, 3], "datatype": "UINT8", "data": [0]}]}, 400),
-    ({"inputs": [{"name": "images", "shape": [1, 8, 8, 3], "datatype": "UINT8",
-                  "data": [0] * 192}]}, 400),
-    ({"inputs": [{"name": "images", "shape": [1, 16, 16, 3], "datatype": "INT64",
-                  "data": [0] * 768}]}, 400),
-    ({"inputs": [{"name": "images", "shape": [1, 16, 16, 3], "datatype": "UINT8",
-                  "data": [0] * 10}]}, 400),
-    ({"inputs": [{"name": "images", "shape": [1, 16, 16, 3], "datatype": "UINT8",
-                  "data": [300] * 768}]}, 400),
-    ({"inputs": [{"name": "images", "shape": [64, 16, 16, 3], "datatype": "UINT8",
-                  "data": [0] * (768 * 64)}]}, 413),
-])
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"inputs": []}, 400),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 16, 16, 3], "datatype": "UINT8", "data": [0]}]},
+            400,
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [1, 8, 8, 3],
+                        "datatype": "UINT8",
+                        "data": [0] * 192,
+                    }
+                ]
+            },
+            400,
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [1, 16, 16, 3],
+                        "datatype": "INT64",
+                        "data": [0] * 768,
+                    }
+                ]
+            },
+            400,
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [1, 16, 16, 3],
+                        "datatype": "UINT8",
+                        "data": [0] * 10,
+                    }
+                ]
+            },
+            400,
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [1, 16, 16, 3],
+                        "datatype": "UINT8",
+                        "data": [300] * 768,
+                    }
+                ]
+            },
+            400,
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": [64, 16, 16, 3],
+                        "datatype": "UINT8",
+                        "data": [0] * (768 * 64),
+                    }
+                ]
+            },
+            413,
+        ),
+    ],
+)
 def test_bad_tensors_are_4xx(live: Any, body: dict[str, Any], status: int) -> None:
     with httpx.Client(base_url=live.url) as c:
         r = c.post("/v2/models/tiny/infer", json=body)

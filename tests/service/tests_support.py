@@ -22,16 +22,21 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
 def read_sse(url: str, image: bytes, headers: dict[str, str]) -> list[tuple[str, Any]]:
     """All (event, data) pairs of one progressive answer."""
     events: list[tuple[str, Any]] = []
-    with httpx.Client(timeout=10) as c, c.stream(
-        "POST", f"{url}/v1/classify", content=image,
-        headers={"Content-Type": "image/png", "Accept": "text/event-stream", **headers},
-    ) as r:
+    with (
+        httpx.Client(timeout=10) as c,
+        c.stream(
+            "POST",
+            f"{url}/v1/classify",
+            content=image,
+            headers={"Content-Type": "image/png", "Accept": "text/event-stream", **headers},
+        ) as r,
+    ):
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         kind = None
         for line in r.iter_lines():
             if line.startswith("event: "):
-                kind = line[len("event: "):]
+                kind = line[len("event: ") :]
             elif line.startswith("data: ") and kind is not None:
-                events.append((kind, json.loads(line[len("data: "):])))
+                events.append((kind, json.loads(line[len("data: ") :])))
     return events

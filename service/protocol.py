@@ -1,7 +1,7 @@
 """The client side of the server's HTTP API (docs/api.md): request headers, answers, SSE.
 
-Shared by the asyncio generator and the Locust file, so both send the same requests and
-read answers the same way.
+Shared by `fractal classify`, the load generator and the Locust file, so all send the same
+requests and read answers the same way.
 """
 
 from __future__ import annotations
