@@ -32,7 +32,7 @@ from service.errors import (
     validation_error_handler,
 )
 from service.metrics import Metrics
-from service.middleware import ObservabilityMiddleware
+from service.middleware import EarlyShedding, ObservabilityMiddleware
 from service.routes import admin, health, v1, v2
 from service.settings import Settings
 
@@ -96,6 +96,9 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["X-Fractal-Column", "Server-Timing", "X-Request-ID"],
         )
+    app.add_middleware(
+        EarlyShedding, engine=engine, default_deadline_ms=settings.default_deadline_ms
+    )
     app.add_middleware(
         ObservabilityMiddleware, metrics=metrics, clock=clock, log_json=settings.log_json
     )

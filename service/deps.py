@@ -1,4 +1,7 @@
-"""Reusable route dependencies: the engine, settings, authentication, rate limiting."""
+"""Reusable route dependencies: the engine, settings, authentication, rate limiting.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, and under
+load those hand-offs cost more than the dependencies themselves."""
 
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ from service.errors import TooManyRequests, Unauthorized
 from service.settings import Settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -64,7 +67,7 @@ class TokenBucket:
         return allowed
 
 
-def inference_access(request: Request) -> None:
+async def inference_access(request: Request) -> None:
     """Bearer authentication (when tokens are configured) and the per-client rate limit."""
     app_state = request.app.state
     accepted: tuple[str, ...] = app_state.api_tokens

@@ -19,6 +19,7 @@ import numpy as np
 
 from service.batching import Batcher, Job, JobResult, Runnable
 from service.errors import BadRequest, Unavailable
+from service.latency import DelayEstimate
 from service.metrics import Metrics
 from service.model import LoadedModel, VariantRuntime, load_model
 from service.scheduling import (
@@ -86,6 +87,13 @@ class Engine:
         self.clock = clock
         self.model: LoadedModel | None = None
         self.drain_started_s: float | None = None
+        learning = settings.latency_learning
+        # The server's own delays, which the latency profile of inference does not see:
+        # from arrival to the engine (reading, decoding), and from admission to the answer
+        # beyond the predicted inference (hand-offs to and from the inference thread,
+        # turns of a busy event loop).
+        self.delay_in = DelayEstimate(learning=learning)
+        self.delay_run = DelayEstimate(learning=learning)
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,
@@ -146,10 +154,42 @@ class Engine:
             raise Unavailable("model not loaded yet", "not_ready", self.settings.retry_after_s)
         return self.model
 
+    def shed_early(self, arrival_s: float, deadline_ms: float) -> None:
+        """Shed (503) at arrival, before the body is read and decoded, a request of one
+        image whose deadline not even column 1 can meet once the server's own delays are
+        counted. It costs a fraction of shedding after decoding: an overloaded server
+        spends its time on the requests it can still answer in time."""
+        model = self.model
+        if model is None or self.draining or self.settings.best_effort:
+            return  # the route answers (503 not ready or draining; late answers)
+        now = self.clock()
+        if self.batcher.queued_images + 1 > self.settings.queue_limit_images:
+            self.metrics.deadline_outcomes.labels("shed").inc()
+            raise Unavailable("queue full", "queue_full", self.settings.retry_after_s)
+        deadline_s = arrival_s + deadline_ms / 1000.0
+        remaining = (deadline_s - now) * 1000.0 - self._delays_ahead_ms(now)
+        first = model.fp32(1).candidate
+        if self.delay_in.estimate_ms(now) + self._completion_for(1, deadline_s, model)(first) > (
+            remaining
+        ):
+            self.metrics.deadline_outcomes.labels("shed").inc()
+            raise Unavailable(
+                "no column can answer within the deadline", "deadline", self.settings.retry_after_s
+            )
+
+    def _delays_ahead_ms(self, now: float) -> float:
+        """Kept from every budget: the safety margin and the server's own delay on top of
+        a run's predicted time."""
+        return self.settings.deadline_margin_ms + self.delay_run.estimate_ms(now)
+
     def _completion(self, request: Request, model: LoadedModel) -> Callable[[Candidate], float]:
-        ahead = self.batcher.ahead_of(request.deadline_s)
+        return self._completion_for(int(request.images.shape[0]), request.deadline_s, model)
+
+    def _completion_for(
+        self, n: int, deadline_s: float, model: LoadedModel
+    ) -> Callable[[Candidate], float]:
+        ahead = self.batcher.ahead_of(deadline_s)
         running = self.batcher.running_remaining_ms()
-        n = int(request.images.shape[0])
 
         def cost(key: str, size: int) -> float:
             variant = model.variants.get(key)
@@ -171,8 +211,22 @@ class Engine:
     def _remaining_ms(self, request: Request) -> float:
         if request.deadline_ms is None:
             return math.inf
-        left = (request.deadline_s - self.clock()) * 1000.0
-        return left - self.settings.deadline_margin_ms
+        now = self.clock()
+        return (request.deadline_s - now) * 1000.0 - self._delays_ahead_ms(now)
+
+    def _arrived(self, request: Request) -> None:
+        now = self.clock()
+        self.delay_in.observe((now - request.arrival_s) * 1000.0, now)
+
+    async def _run_timed(
+        self, request: Request, variant: VariantRuntime, late_ok: bool, predicted_ms: float
+    ) -> ColumnAnswer:
+        """`_run_counted`, learning how far the server's delays exceed the prediction."""
+        start = self.clock()
+        answer = await self._run_counted(request, variant, late_ok)
+        now = self.clock()
+        self.delay_run.observe(max((now - start) * 1000.0 - predicted_ms, 0.0), now)
+        return answer
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
@@ -220,6 +274,7 @@ class Engine:
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
         model = self._model(request.arrival_s)
+        self._arrived(request)
         self._check_queue(request)
         if request.min_confidence is not None and request.column is None:
             return await self._cascade(request, model)
@@ -236,7 +291,8 @@ class Engine:
                 raise self._shed(request, "no column can answer within the deadline")
             choice = min(candidates, key=lambda c: (c.column, c.precision != "fp32"))
         variant = model.variants[choice.key]
-        answer = await self._run_counted(request, variant, late_ok or request.deadline_ms is None)
+        late_ok = late_ok or request.deadline_ms is None
+        answer = await self._run_timed(request, variant, late_ok, completion(choice))
         return self._finish(model, request, answer, [variant.column], "deepest")
 
     async def _cascade(self, request: Request, model: LoadedModel) -> Answer:
@@ -254,6 +310,7 @@ class Engine:
         Raises Unavailable before yielding anything when column 1 cannot answer in time.
         With a forced column (`X-Column`) the stream is that one answer, then `done`."""
         model = self._model(request.arrival_s)
+        self._arrived(request)
         self._check_queue(request)
         if request.column is not None:
             answer = await self.classify(request)
@@ -270,10 +327,11 @@ class Engine:
         columns = [model.fp32(k).candidate for k in range(1, model.columns + 1)]
         first = columns[0]
         remaining = self._remaining_ms(request)
-        if self._completion(request, model)(first) > remaining and not self.settings.best_effort:
+        predicted = self._completion(request, model)(first)
+        if predicted > remaining and not self.settings.best_effort:
             raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
-        answer = await self._run_counted(request, model.variants[first.key], late_ok)
+        answer = await self._run_timed(request, model.variants[first.key], late_ok, predicted)
         run = [1]
         yield "prediction", answer
         reason = "deepest"

@@ -97,6 +97,9 @@ async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
 
+INTERNAL_ERROR = {"error": "internal error"}
+"""The whole body of a 500: never a stack trace or an internal path (the log has those)."""
+
+
 async def unexpected_error_handler(_: Request, exc: Exception) -> JSONResponse:
-    # Never leak a stack trace or an internal path; the log has the details.
-    return JSONResponse({"error": "internal error"}, status_code=500)
+    return JSONResponse(INTERNAL_ERROR, status_code=500)

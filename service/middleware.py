@@ -14,12 +14,18 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.engine import Engine
+from service.errors import INTERNAL_ERROR, BadRequest, Unavailable, error_response
 from service.metrics import Metrics
+from service.requests import parse_deadline_ms
 
 access_log = logging.getLogger("service.access")
+log = logging.getLogger(__name__)
 
+CLASSIFY = "/v1/classify"
 UNTIMED_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -57,11 +63,12 @@ class ObservabilityMiddleware:
         request_id = request_id_from(scope.get("headers", []))
         state["request_id"] = request_id
         status = 500
+        started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, started = int(message["status"]), True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
@@ -69,6 +76,13 @@ class ObservabilityMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # Answered here rather than by the server, which would also close the
+            # connection: a bare 500 with the request id; the details go to the log.
+            log.exception("request %s failed", request_id)
+            if started:
+                raise
+            await JSONResponse(INTERNAL_ERROR, status_code=500)(scope, receive, send_wrapper)
         finally:
             self._record(scope, state, status, start)
 
@@ -104,3 +118,35 @@ class ObservabilityMiddleware:
                 record["duration_ms"],
                 column,
             )
+
+
+class EarlyShedding:
+    """Sheds a `/v1/classify` request at arrival, before its body is read, when its
+    deadline cannot be met (`Engine.shed_early`).
+
+    An overloaded server that reads and decodes every request before refusing most of them
+    spends its time on refusals and answers nothing in time. (A `/v2` request may carry its
+    deadline in the body: it is judged once parsed.)
+    """
+
+    def __init__(self, app: ASGIApp, engine: Engine, default_deadline_ms: float | None) -> None:
+        self.app = app
+        self.engine = engine
+        self.default_deadline_ms = default_deadline_ms
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CLASSIFY:
+            header = next((v for k, v in scope["headers"] if k == b"x-deadline-ms"), None)
+            try:
+                deadline = parse_deadline_ms(
+                    None if header is None else header.decode("latin-1"), self.default_deadline_ms
+                )
+                if deadline is not None:
+                    self.engine.shed_early(scope["state"]["arrival_s"], deadline)
+            except BadRequest:
+                pass  # the route explains the bad header
+            except Unavailable as exc:
+                scope["state"]["outcome"] = exc.reason
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

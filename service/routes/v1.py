@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -13,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from service.deps import EngineDep, InferenceAccess, SettingsDep
 from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
-from service.errors import NotFound, ServiceError
+from service.errors import INTERNAL_ERROR, NotFound, ServiceError
 from service.requests import (
     DEADLINE_HEADER,
     PRECISIONS,
@@ -78,11 +77,7 @@ async def classify(request: Request, engine: EngineDep, settings: SettingsDep) -
         engine._model(arrival)  # raises the not-ready 503
         raise AssertionError
     body = await read_body(request, settings.max_body_bytes)
-    # Decoding a large image takes a while: off the event loop, so that it never stalls
-    # other requests (health checks, shedding) behind it.
-    images = await asyncio.to_thread(
-        images_from_body, body, headers.get("content-type"), model, settings
-    )
+    images = images_from_body(body, headers.get("content-type"), model, settings)
     req = EngineRequest(images, arrival, deadline, column, precision, threshold)
     if "text/event-stream" in headers.get("accept", ""):
         return await _stream(request, engine, req)
@@ -129,7 +124,7 @@ async def _stream(request: Request, engine: Engine, req: EngineRequest) -> Respo
         except ServiceError as exc:
             yield sse("error", {"error": exc.message})
         except Exception:
-            yield sse("error", {"error": "internal error"})
+            yield sse("error", INTERNAL_ERROR)
         finally:
             await events.aclose()
 
