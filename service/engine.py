@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service.admission import ConcurrencyLimit, LoopLag
 from service.batching import Batcher, Job, JobResult, Runnable
 from service.errors import BadRequest, Unavailable
-from service.latency import DelayEstimate
 from service.metrics import Metrics
 from service.model import LoadedModel, VariantRuntime, load_model
 from service.scheduling import (
@@ -87,13 +87,12 @@ class Engine:
         self.clock = clock
         self.model: LoadedModel | None = None
         self.drain_started_s: float | None = None
-        learning = settings.latency_learning
-        # The server's own delays, which the latency profile of inference does not see:
-        # from arrival to the engine (reading, decoding), and from admission to the answer
-        # beyond the predicted inference (hand-offs to and from the inference thread,
-        # turns of a busy event loop).
-        self.delay_in = DelayEstimate(learning=learning)
-        self.delay_run = DelayEstimate(learning=learning)
+        # Enough at once to fill a batch on every worker, to begin with.
+        self.admission = ConcurrencyLimit(
+            limit=float(settings.max_batch_size * settings.inference_workers),
+            ceiling=float(settings.queue_limit_images),
+        )
+        self.loop_lag = LoopLag(clock)
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,
@@ -115,9 +114,12 @@ class Engine:
 
     async def start(self) -> None:
         self.batcher.start()
+        if self.settings.adaptive_admission:
+            self.loop_lag.start()
         await self.load(self.settings.model_path)
 
     async def stop(self) -> None:
+        await self.loop_lag.stop()
         await self.batcher.stop()
 
     async def load(self, path: Path) -> LoadedModel:
@@ -155,32 +157,25 @@ class Engine:
         return self.model
 
     def shed_early(self, arrival_s: float, deadline_ms: float) -> None:
-        """Shed (503) at arrival, before the body is read and decoded, a request of one
-        image whose deadline not even column 1 can meet once the server's own delays are
-        counted. It costs a fraction of shedding after decoding: an overloaded server
+        """At arrival, before the body is read and decoded: 503 for a request with a
+        deadline when as many as the concurrency limit are in already, or when not even
+        column 1 of one image can meet its deadline, the event loop's lag counted.
+        Refusing here costs a fraction of refusing after decoding, so an overloaded server
         spends its time on the requests it can still answer in time."""
         model = self.model
         if model is None or self.draining or self.settings.best_effort:
             return  # the route answers (503 not ready or draining; late answers)
-        now = self.clock()
-        if self.batcher.queued_images + 1 > self.settings.queue_limit_images:
+        if not self.settings.adaptive_admission:
+            return
+        retry = self.settings.retry_after_s
+        if self.admission.full or self.batcher.queued_images >= self.settings.queue_limit_images:
             self.metrics.deadline_outcomes.labels("shed").inc()
-            raise Unavailable("queue full", "queue_full", self.settings.retry_after_s)
+            raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
-        remaining = (deadline_s - now) * 1000.0 - self._delays_ahead_ms(now)
-        first = model.fp32(1).candidate
-        if self.delay_in.estimate_ms(now) + self._completion_for(1, deadline_s, model)(first) > (
-            remaining
-        ):
+        remaining = self._remaining_until(deadline_s) - self.loop_lag.allowance_ms
+        if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
             self.metrics.deadline_outcomes.labels("shed").inc()
-            raise Unavailable(
-                "no column can answer within the deadline", "deadline", self.settings.retry_after_s
-            )
-
-    def _delays_ahead_ms(self, now: float) -> float:
-        """Kept from every budget: the safety margin and the server's own delay on top of
-        a run's predicted time."""
-        return self.settings.deadline_margin_ms + self.delay_run.estimate_ms(now)
+            raise Unavailable("no column can answer within the deadline", "deadline", retry)
 
     def _completion(self, request: Request, model: LoadedModel) -> Callable[[Candidate], float]:
         return self._completion_for(int(request.images.shape[0]), request.deadline_s, model)
@@ -211,22 +206,10 @@ class Engine:
     def _remaining_ms(self, request: Request) -> float:
         if request.deadline_ms is None:
             return math.inf
-        now = self.clock()
-        return (request.deadline_s - now) * 1000.0 - self._delays_ahead_ms(now)
+        return self._remaining_until(request.deadline_s)
 
-    def _arrived(self, request: Request) -> None:
-        now = self.clock()
-        self.delay_in.observe((now - request.arrival_s) * 1000.0, now)
-
-    async def _run_timed(
-        self, request: Request, variant: VariantRuntime, late_ok: bool, predicted_ms: float
-    ) -> ColumnAnswer:
-        """`_run_counted`, learning how far the server's delays exceed the prediction."""
-        start = self.clock()
-        answer = await self._run_counted(request, variant, late_ok)
-        now = self.clock()
-        self.delay_run.observe(max((now - start) * 1000.0 - predicted_ms, 0.0), now)
-        return answer
+    def _remaining_until(self, deadline_s: float) -> float:
+        return (deadline_s - self.clock()) * 1000.0 - self.settings.deadline_margin_ms
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
@@ -274,7 +257,6 @@ class Engine:
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
         model = self._model(request.arrival_s)
-        self._arrived(request)
         self._check_queue(request)
         if request.min_confidence is not None and request.column is None:
             return await self._cascade(request, model)
@@ -291,8 +273,7 @@ class Engine:
                 raise self._shed(request, "no column can answer within the deadline")
             choice = min(candidates, key=lambda c: (c.column, c.precision != "fp32"))
         variant = model.variants[choice.key]
-        late_ok = late_ok or request.deadline_ms is None
-        answer = await self._run_timed(request, variant, late_ok, completion(choice))
+        answer = await self._run_counted(request, variant, late_ok or request.deadline_ms is None)
         return self._finish(model, request, answer, [variant.column], "deepest")
 
     async def _cascade(self, request: Request, model: LoadedModel) -> Answer:
@@ -310,7 +291,6 @@ class Engine:
         Raises Unavailable before yielding anything when column 1 cannot answer in time.
         With a forced column (`X-Column`) the stream is that one answer, then `done`."""
         model = self._model(request.arrival_s)
-        self._arrived(request)
         self._check_queue(request)
         if request.column is not None:
             answer = await self.classify(request)
@@ -327,11 +307,10 @@ class Engine:
         columns = [model.fp32(k).candidate for k in range(1, model.columns + 1)]
         first = columns[0]
         remaining = self._remaining_ms(request)
-        predicted = self._completion(request, model)(first)
-        if predicted > remaining and not self.settings.best_effort:
+        if self._completion(request, model)(first) > remaining and not self.settings.best_effort:
             raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
-        answer = await self._run_timed(request, model.variants[first.key], late_ok, predicted)
+        answer = await self._run_counted(request, model.variants[first.key], late_ok)
         run = [1]
         yield "prediction", answer
         reason = "deepest"
@@ -375,6 +354,8 @@ class Engine:
         if request.deadline_ms is not None:
             self.metrics.deadline_ratio.observe(elapsed / request.deadline_ms)
             self.metrics.deadline_outcomes.labels("met" if answer.deadline_met else "missed").inc()
+            seen = elapsed + self.loop_lag.allowance_ms  # about what the client sees
+            self.admission.outcome(seen, request.deadline_ms, self.clock())
         return answer
 
     def _queue_changed(self, variant: Runnable, images: int) -> None:

@@ -59,38 +59,3 @@ class LatencyModel:
 
     def snapshot(self, sizes: tuple[int, ...] = (1, 8, 32)) -> dict[int, float]:
         return {n: round(self.predict_ms(n), 4) for n in sizes}
-
-
-@dataclass
-class DelayEstimate:
-    """Milliseconds the server itself adds around inference (reading and decoding a body,
-    waiting for the event loop), learned from requests as they pass.
-
-    Like LatencyModel, an EWMA of the mean plus `tail_weight` x an EWMA of the positive
-    deviation. It also halves every `half_life_s` without a new observation: a server that
-    sheds everything while overloaded observes nothing, and must not lock itself out.
-    """
-
-    alpha: float = float(__import__("os").environ.get("DALPHA", "0.05"))
-    tail_weight: float = float(__import__("os").environ.get("DTAIL", "2.0"))
-    half_life_s: float = 1.0
-    learning: bool = True
-    mean: float = 0.0
-    spread: float = 0.0
-    updated_s: float = 0.0
-
-    def _decay(self, now_s: float) -> float:
-        return float(0.5 ** (max(now_s - self.updated_s, 0.0) / self.half_life_s))
-
-    def estimate_ms(self, now_s: float) -> float:
-        return (self.mean + self.tail_weight * self.spread) * self._decay(now_s)
-
-    def observe(self, ms: float, now_s: float) -> None:
-        if not self.learning:
-            return
-        decay = self._decay(now_s)
-        self.mean *= decay
-        self.spread *= decay
-        self.mean += self.alpha * (ms - self.mean)
-        self.spread += self.alpha * (max(ms - self.mean, 0.0) - self.spread)
-        self.updated_s = now_s

@@ -92,7 +92,7 @@ class ObservabilityMiddleware:
             return
         elapsed = self.clock() - start
         route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
+        endpoint = getattr(route, "path", None) or state.get("endpoint", "unmatched")
         column = str(state.get("column", "none"))
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.request_duration.labels(endpoint, column).observe(elapsed)
@@ -135,18 +135,29 @@ class EarlyShedding:
         self.default_deadline_ms = default_deadline_ms
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CLASSIFY:
-            header = next((v for k, v in scope["headers"] if k == b"x-deadline-ms"), None)
-            try:
-                deadline = parse_deadline_ms(
-                    None if header is None else header.decode("latin-1"), self.default_deadline_ms
-                )
-                if deadline is not None:
-                    self.engine.shed_early(scope["state"]["arrival_s"], deadline)
-            except BadRequest:
-                pass  # the route explains the bad header
-            except Unavailable as exc:
-                scope["state"]["outcome"] = exc.reason
-                await error_response(exc)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        deadline = self._deadline(scope)
+        if deadline is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.engine.shed_early(scope["state"]["arrival_s"], deadline)
+        except Unavailable as exc:
+            # Answered before routing: name the endpoint for the metrics and the log.
+            scope["state"].update(outcome=exc.reason, endpoint=CLASSIFY)
+            await error_response(exc)(scope, receive, send)
+            return
+        with self.engine.admission.admitted():
+            await self.app(scope, receive, send)
+
+    def _deadline(self, scope: Scope) -> float | None:
+        """The deadline of a `/v1/classify` request (None for other requests, and for a
+        bad header, which the route explains)."""
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CLASSIFY:
+            return None
+        header = next((v for k, v in scope["headers"] if k == b"x-deadline-ms"), None)
+        try:
+            return parse_deadline_ms(
+                None if header is None else header.decode("latin-1"), self.default_deadline_ms
+            )
+        except BadRequest:
+            return None

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     """Answer late with column 1 (marked missed) instead of refusing with 503."""
     deadline_margin_ms: float = Field(default=0.5, ge=0)
     """Safety margin subtracted from every budget when predicting completion."""
+    adaptive_admission: bool = True
+    """Refuse `/v1/classify` requests with a deadline at arrival when more are in than a
+    limit learned from their outcomes, or when the event loop runs too late to meet the
+    deadline (off: only the latency profile decides, after the body is read)."""
     retry_after_s: int = Field(default=1, ge=0)
     """Retry-After seconds on 503 and 429 answers."""
 
