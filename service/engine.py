@@ -163,10 +163,10 @@ class Engine:
         Refusing here costs a fraction of refusing after decoding, so an overloaded server
         spends its time on the requests it can still answer in time."""
         model = self.model
-        if model is None or self.draining or self.settings.best_effort:
-            return  # the route answers (503 not ready or draining; late answers)
-        if not self.settings.adaptive_admission:
+        if not self.settings.adaptive_admission or self.settings.best_effort:
             return
+        if model is None or self.draining:
+            return  # the route answers 503 not_ready or draining
         retry = self.settings.retry_after_s
         if self.admission.full or self.batcher.queued_images >= self.settings.queue_limit_images:
             self.metrics.deadline_outcomes.labels("shed").inc()

@@ -42,6 +42,17 @@ def check_image_type(content_type: str | None) -> None:
         )
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header, without decoding; 0 when there is none
+    (decoding will say what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=DECODERS) as img:
+            w, h = img.size
+            return int(w * h)
+    except Exception:  # whatever it is, decode_image reports it
+        return 0
+
+
 def decode_image(data: bytes, height: int, width: int, max_pixels: int) -> np.ndarray:
     """uint8 [height, width, 3]: RGB, resized with Pillow's bilinear filter (antialiased
     when shrinking), aspect ratio not kept. Errors are 400 (undecodable) or 413 (too big)."""

@@ -1,4 +1,5 @@
-"""ASGI middleware: arrival time, request id, metrics and one JSON access-log line.
+"""ASGI middleware: arrival time, request id, metrics and one JSON access-log line; and
+the refusal at arrival of work an overloaded server cannot answer in time.
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
 request is timed to its last byte (for a stream: the `done` event).
@@ -121,8 +122,9 @@ class ObservabilityMiddleware:
 
 
 class EarlyShedding:
-    """Sheds a `/v1/classify` request at arrival, before its body is read, when its
-    deadline cannot be met (`Engine.shed_early`).
+    """Refuses a `/v1/classify` request with a deadline at arrival, before its body is
+    read, when the server already holds as many such requests as it answers in time, or
+    when this one's deadline cannot be met (`Engine.shed_early`).
 
     An overloaded server that reads and decodes every request before refusing most of them
     spends its time on refusals and answers nothing in time. (A `/v2` request may carry its

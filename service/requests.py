@@ -98,20 +98,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+INLINE_DECODE_PIXELS = 512 * 512
+"""Images up to this many pixels in all are decoded on the event loop (a few ms at most);
+larger ones in a worker thread, so they never stall other requests (health checks,
+shedding) behind them. The hand-off to a thread costs more than a small image does."""
+
+
 def images_from_body(
     body: bytes, content_type: str | None, model: LoadedModel, settings: Settings
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] from raw image bytes or JSON {"image"} / {"images": [...]}."""
-    spec = model.manifest.input
-    kind = media_type(content_type)
-    if kind == "application/json":
-        return _images_from_json(body, spec.height, spec.width, settings)
+    return decode_images(encoded_images(body, content_type, settings), model, settings)
+
+
+def encoded_images(body: bytes, content_type: str | None, settings: Settings) -> list[bytes]:
+    """The still-encoded images of a body (its type, JSON shape, base64 and image count
+    checked)."""
+    if media_type(content_type) == "application/json":
+        return _encoded_from_json(body, settings)
     check_image_type(content_type)
-    image = decode_image(body, spec.height, spec.width, settings.max_image_pixels)
-    return image[None]
+    return [body]
 
 
-def _images_from_json(body: bytes, height: int, width: int, settings: Settings) -> np.ndarray:
+def decode_images(encoded: list[bytes], model: LoadedModel, settings: Settings) -> np.ndarray:
+    spec = model.manifest.input
+    limit = settings.max_image_pixels
+    return np.stack([decode_image(data, spec.height, spec.width, limit) for data in encoded])
+
+
+def _encoded_from_json(body: bytes, settings: Settings) -> list[bytes]:
     payload = parse_json(body, "body")
     if not isinstance(payload, dict):
         raise BadRequest('JSON body must be an object with "image" or "images"')
@@ -129,8 +144,4 @@ def _images_from_json(body: bytes, height: int, width: int, settings: Settings) 
         raise PayloadTooLarge(
             f"{len(items)} images; the limit is {settings.max_images_per_request} per request"
         )
-    decoded = [
-        decode_image(decode_base64(item, f"images[{i}]"), height, width, settings.max_image_pixels)
-        for i, item in enumerate(items)
-    ]
-    return np.stack(decoded)
+    return [decode_base64(item, f"images[{i}]") for i, item in enumerate(items)]

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     """Most images in one onnxruntime run."""
-    max_batch_wait_ms: float = Field(default=2.0, ge=0)
+    max_batch_wait_ms: float = Field(default=0.0, ge=0)
     """Longest a batch waits for company (never past its most urgent member's slack)."""
     queue_limit_images: int = Field(default=512, ge=1)
     """Images that may wait across all variants before new work is refused (503)."""

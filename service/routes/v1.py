@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -13,10 +14,13 @@ from service.deps import EngineDep, InferenceAccess, SettingsDep
 from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
 from service.errors import INTERNAL_ERROR, NotFound, ServiceError
+from service.imaging import declared_pixels
 from service.requests import (
     DEADLINE_HEADER,
+    INLINE_DECODE_PIXELS,
     PRECISIONS,
-    images_from_body,
+    decode_images,
+    encoded_images,
     parse_column,
     parse_confidence,
     parse_deadline_ms,
@@ -77,7 +81,11 @@ async def classify(request: Request, engine: EngineDep, settings: SettingsDep) -
         engine._model(arrival)  # raises the not-ready 503
         raise AssertionError
     body = await read_body(request, settings.max_body_bytes)
-    images = images_from_body(body, headers.get("content-type"), model, settings)
+    encoded = encoded_images(body, headers.get("content-type"), settings)
+    if sum(declared_pixels(data) for data in encoded) <= INLINE_DECODE_PIXELS:
+        images = decode_images(encoded, model, settings)
+    else:
+        images = await asyncio.to_thread(decode_images, encoded, model, settings)
     req = EngineRequest(images, arrival, deadline, column, precision, threshold)
     if "text/event-stream" in headers.get("accept", ""):
         return await _stream(request, engine, req)

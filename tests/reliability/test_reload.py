@@ -5,6 +5,7 @@ without a token, and its errors name no server path."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import time
@@ -150,7 +151,7 @@ def test_broken_bundle_is_refused_and_the_old_model_serves(
     assert broken[name] in error and name in error
     # The folder by its name only: no server path.
     assert str(admin_root) not in error and str(admin_root.parent) not in error
-    assert "/tmp" not in error and not any(part in error for part in ("/home", "/root", "/work"))
+    assert not re.search(r"(?<![\w.:/])/\w", error), error  # no absolute path at all
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,94 @@
+"""Admission under overload: how many requests with a deadline the server takes on at once,
+and how far behind its event loop runs. Knows no HTTP; the engine decides with it.
+
+A server that is offered more than it can do must refuse the excess before spending work on
+it, and must refuse enough that what it admits is still answered in time. The latency
+profile alone cannot tell how much is enough: past saturation the time goes to the event
+loop and to hand-offs between threads, not to inference. So the number admitted at once is
+a limit learned from outcomes, the way TCP learns its window (additive increase,
+multiplicative decrease), and the loop's lag is kept from every budget at arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ConcurrencyLimit:
+    """Requests with a deadline admitted at once, adapted to how in time they are answered.
+
+    An answer with room to spare (under `early` of its deadline) raises the limit by
+    1/limit, about one per round of requests; an answer late or nearly so (over `late`)
+    cuts it by the factor `cut`, at most once per `cool_s` (the requests in flight when
+    one is late are likely late together, and one cut is the answer to all of them).
+    Aiming under 80% of the deadline leaves the rest for what the server cannot see: the
+    time a request waits in the network and the kernel on either side.
+    """
+
+    limit: float
+    ceiling: float
+    floor: float = 1.0
+    cut: float = 0.7
+    cool_s: float = 0.02
+    early: float = 0.5
+    late: float = 0.8
+    in_flight: int = 0
+    last_cut_s: float = -math.inf
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= int(self.limit)
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def outcome(self, seen_ms: float, deadline_ms: float, now_s: float) -> None:
+        if seen_ms > self.late * deadline_ms:
+            if now_s - self.last_cut_s >= self.cool_s:
+                self.limit = max(self.floor, self.limit * self.cut)
+                self.last_cut_s = now_s
+        elif seen_ms < self.early * deadline_ms:
+            self.limit = min(self.ceiling, self.limit + 1.0 / self.limit)
+
+
+@dataclass
+class LoopLag:
+    """How late the event loop runs a timer, in ms (smoothed). A request waits about this
+    long before the server reads it, and again before its answer leaves."""
+
+    clock: Callable[[], float] = time.monotonic
+    period_s: float = 0.005
+    smoothing: float = 0.3
+    lag_ms: float = 0.0
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="loop-lag")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            start = self.clock()
+            await asyncio.sleep(self.period_s)
+            late_ms = max(self.clock() - start - self.period_s, 0.0) * 1000.0
+            self.lag_ms += self.smoothing * (late_ms - self.lag_ms)
+
+    @property
+    def allowance_ms(self) -> float:
+        """Kept from a request's budget at arrival: one lag on the way in, one out."""
+        return 2.0 * self.lag_ms

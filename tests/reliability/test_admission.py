@@ -1,0 +1,138 @@
+"""Admission under overload (service.admission), and the refusal at arrival that it drives
+(`/v1/classify` with a deadline is refused before its body is read)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from service.admission import ConcurrencyLimit, LoopLag
+from tests.reliability.reliability_support import ThreadServer, image_bytes, metric_value
+
+
+def test_limit_grows_by_one_per_round_of_timely_answers() -> None:
+    c = ConcurrencyLimit(limit=4.0, ceiling=100.0)
+    for _ in range(4):
+        c.outcome(seen_ms=10.0, deadline_ms=100.0, now_s=0.0)
+    assert c.limit == pytest.approx(5.0, abs=0.1)
+    c.outcome(seen_ms=70.0, deadline_ms=100.0, now_s=0.0)  # between early and late: hold
+    assert c.limit == pytest.approx(5.0, abs=0.1)
+
+
+def test_limit_is_cut_once_per_cool_down_when_late() -> None:
+    c = ConcurrencyLimit(limit=10.0, ceiling=100.0)
+    c.outcome(seen_ms=90.0, deadline_ms=100.0, now_s=1.0)
+    assert c.limit == pytest.approx(7.0)
+    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.01)  # same episode
+    assert c.limit == pytest.approx(7.0)
+    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.05)
+    assert c.limit == pytest.approx(4.9)
+
+
+def test_limit_stays_within_its_bounds() -> None:
+    c = ConcurrencyLimit(limit=2.0, ceiling=3.0)
+    for i in range(20):
+        c.outcome(seen_ms=500.0, deadline_ms=100.0, now_s=float(i))
+    assert c.limit == 1.0
+    for _ in range(100):
+        c.outcome(seen_ms=1.0, deadline_ms=100.0, now_s=100.0)
+    assert c.limit == 3.0
+
+
+def test_admitted_counts_in_flight() -> None:
+    c = ConcurrencyLimit(limit=2.0, ceiling=10.0)
+    with c.admitted():
+        assert not c.full
+        with c.admitted():
+            assert c.full and c.in_flight == 2
+    assert c.in_flight == 0 and not c.full
+
+
+def test_loop_lag_sees_a_blocked_loop() -> None:
+    async def main() -> tuple[float, float]:
+        lag = LoopLag(period_s=0.01, smoothing=1.0)
+        lag.start()
+        await asyncio.sleep(0.05)
+        calm = lag.lag_ms
+        time.sleep(0.1)  # the loop is blocked: the timer runs late
+        await asyncio.sleep(0.001)  # the late tick runs, not the next one
+        blocked = lag.lag_ms
+        await lag.stop()
+        return calm, blocked
+
+    calm, blocked = asyncio.run(main())
+    assert blocked >= 50.0 and blocked > calm
+
+
+# -- refusal at arrival, on the live server ------------------------------------------------------
+@pytest.fixture
+def at_capacity(live: ThreadServer) -> Iterator[None]:
+    """The concurrency limit reached (one admitted, a limit of one) until the test ends."""
+    limit = live.engine.admission
+    saved = limit.limit
+    limit.limit = 1.0
+    limit.in_flight += 1
+    try:
+        yield
+    finally:
+        limit.in_flight -= 1
+        limit.limit = saved
+
+
+@pytest.mark.usefixtures("at_capacity")
+def test_at_capacity_a_request_with_a_deadline_is_refused_at_arrival(live: ThreadServer) -> None:
+    with live.client() as c:
+        before = c.get("/metrics").text
+        started = time.monotonic()
+        r = c.post(
+            "/v1/classify",
+            content=image_bytes(),
+            headers={"Content-Type": "image/png", "X-Deadline-Ms": "1000", "X-Request-ID": "cap"},
+        )
+        elapsed = time.monotonic() - started
+        after = c.get("/metrics").text
+        # Without a deadline there is nothing to promise: the limit does not apply.
+        assert (
+            c.post(
+                "/v1/classify", content=image_bytes(), headers={"Content-Type": "image/png"}
+            ).status_code
+            == 200
+        )
+        # Nor does it to a bad deadline header: the route explains that one.
+        assert (
+            c.post(
+                "/v1/classify",
+                content=image_bytes(),
+                headers={"Content-Type": "image/png", "X-Deadline-Ms": "soon"},
+            ).status_code
+            == 400
+        )
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert r.json() == {"error": "server at capacity", "reason": "queue_full"}
+    assert r.headers["X-Request-ID"] == "cap" and elapsed < 1.0
+    name = "fractal_deadline_outcomes_total"
+    assert (
+        metric_value(after, name, 'outcome="shed"')
+        == metric_value(before, name, 'outcome="shed"') + 1
+    )
+    refused = 'endpoint="/v1/classify",status="503"'
+    assert metric_value(after, "fractal_requests_total", refused) >= 1
+
+
+def test_a_deadline_the_loop_cannot_meet_is_refused_at_arrival(live: ThreadServer) -> None:
+    lag = live.engine.loop_lag
+    saved = lag.lag_ms, lag.smoothing
+    try:
+        lag.lag_ms, lag.smoothing = 400.0, 0.0  # pinned: a loop running 400 ms late
+        with live.client() as c:
+            r = c.post(
+                "/v1/classify",
+                content=image_bytes(),
+                headers={"Content-Type": "image/png", "X-Deadline-Ms": "500"},
+            )
+    finally:
+        lag.lag_ms, lag.smoothing = saved
+    assert r.status_code == 503 and r.json()["reason"] == "deadline"
