@@ -39,8 +39,8 @@ from PIL import Image
 from service.bundle import load_bundle
 from service.runtime import (
     SessionConfig,
-    available_cpus,
     create_session,
+    default_intra_op_threads,
     describe_machine,
     run_probabilities,
 )
@@ -241,7 +241,7 @@ def sample_image(size: tuple[int, int]) -> bytes:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle: Path = args.model
     manifest = load_bundle(bundle)
-    threads = args.threads or available_cpus()
+    threads = args.threads or default_intra_op_threads()
     columns = manifest.columns
     report: dict[str, Any] = {
         "machine": describe_machine(),
@@ -323,7 +323,7 @@ def print_report(r: dict[str, Any], columns: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fractal bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=Path("models/cifar10"))
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: as the server)")
     p.add_argument("--repeats", type=int, default=200, help="floor runs per column")
     p.add_argument("--seconds", type=int, default=10, help="each saturated wrk run")
     p.add_argument("--connections", type=int, default=32)

@@ -17,9 +17,9 @@ from service.bundle import BundleError, Manifest, Variant, load_bundle
 from service.latency import LatencyModel
 from service.runtime import (
     SessionConfig,
-    available_cpus,
     choose_providers,
     create_session,
+    default_intra_op_threads,
     gpu_visible,
     measure_latency_ms,
     run_probabilities,
@@ -105,7 +105,7 @@ def load_model(path: Path, settings: Settings) -> LoadedModel:
     )
     if settings.providers != "cpu" and providers == ("CPUExecutionProvider",):
         log.info("execution providers: CPU only (no CUDA provider or no GPU visible)")
-    threads = settings.intra_op_threads or available_cpus()
+    threads = settings.intra_op_threads or default_intra_op_threads()
     config = SessionConfig(intra_op_threads=threads, providers=providers)
     fixed = (
         read_fixed_profile(settings.latency_profile_path) if settings.latency_profile_path else None

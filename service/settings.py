@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     """onnxruntime execution providers: auto = CUDA where available, else CPU."""
     intra_op_threads: int | None = Field(default=None, ge=1)
-    """Threads per onnxruntime run; None: the CPUs this process may use."""
+    """Threads per onnxruntime run; None: the CPUs this process may use, less one."""
     inference_workers: int = Field(default=1, ge=1, le=16)
     """Batches run at once (each on its own thread)."""
 
