@@ -7,7 +7,6 @@ file whose tail is shown when something does not come up.
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ from typing import TypeVar
 
 import httpx
 
+from tests.support import free_port
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tail(path: Path, lines: int = 40) -> str:

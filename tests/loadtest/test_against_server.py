@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,9 @@ from loadtest import sweep
 from loadtest.cli import main
 from loadtest.generator import Result
 from loadtest.report import read_csv, summarize
+from tests.support import free_port
 
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from service.bundle import read_manifest, write_manifest
 from service.settings import Settings
-from tests.reliability.reliability_support import (
+from tests.support import (
     ThreadServer,
     free_port,
     manifest_profile,

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from service.app import read_tokens
 from service.settings import Settings
-from tests.reliability.reliability_support import (
+from tests.support import (
     ThreadServer,
     image_bytes,
     serve_in_thread,

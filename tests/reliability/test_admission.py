@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from service.admission import ConcurrencyLimit, LoopLag
-from tests.reliability.reliability_support import ThreadServer, image_bytes, metric_value
+from tests.support import ThreadServer, image_bytes, metric_value
 
 
 def test_limit_grows_by_one_per_round_of_timely_answers() -> None:

@@ -20,7 +20,7 @@ from service.imaging import decode_image
 from service.model import LoadedModel
 from service.requests import images_from_body
 from service.settings import Settings
-from tests.reliability.reliability_support import ThreadServer, image_bytes
+from tests.support import ThreadServer, image_bytes
 
 FUZZ = settings(
     max_examples=50,

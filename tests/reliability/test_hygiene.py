@@ -17,7 +17,7 @@ import pytest
 
 from service.cli import JsonFormatter
 from service.settings import Settings
-from tests.reliability.reliability_support import (
+from tests.support import (
     ThreadServer,
     image_bytes,
     read_sse,

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.reliability.reliability_support import (
+from tests.support import (
     ThreadServer,
     blank_png,
     image_bytes,

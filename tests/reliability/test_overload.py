@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability.reliability_support import (
+from tests.support import (
     ProcessServer,
     image_bytes,
     metric_value,

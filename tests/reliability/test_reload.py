@@ -19,7 +19,7 @@ import pytest
 from service.bundle import read_manifest, sha256_file, write_manifest
 from service.settings import Settings
 from tests.reliability.conftest import copy_bundle
-from tests.reliability.reliability_support import (
+from tests.support import (
     ThreadServer,
     Traffic,
     image_bytes,

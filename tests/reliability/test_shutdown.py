@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability.reliability_support import (
+from tests.support import (
     Outcome,
     Traffic,
     blank_png,

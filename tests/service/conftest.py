@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from service.app import create_app
 from service.bundle import read_manifest, write_manifest
-from service.engine import Engine
 from service.settings import Settings
+from tests.support import ThreadServer, free_port, serve_in_thread
 
 # Deliberately far above the real cost of the tiny model (well under 1 ms), so that
 # which column fits a deadline depends only on these numbers.
@@ -39,45 +30,7 @@ FIXED_PROFILE_MS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class LiveServer:
-    url: str
-    app: FastAPI
-
-    @property
-    def engine(self) -> Engine:
-        engine: Engine = self.app.state.engine
-        return engine
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=10.0, **kwargs)
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[LiveServer]:
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{settings.port}", app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+LiveServer = ThreadServer
 
 
 @pytest.fixture(scope="session")
@@ -124,5 +77,5 @@ def make_settings(service_bundle: Path, fixed_profile: Path) -> Callable[..., Se
 
 @pytest.fixture(scope="module")
 def live(make_settings: Callable[..., Settings]) -> Iterator[LiveServer]:
-    with serve(make_settings()) as server:
+    with serve_in_thread(make_settings()) as server:
         yield server

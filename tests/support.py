@@ -1,5 +1,6 @@
-"""Helpers for the reliability tests: servers (in a thread, or `fractal serve` as a real
-subprocess), test images, metrics and memory readings, a bounded traffic loop."""
+"""Test support shared by every test folder: free ports, test images, the server in a
+thread of the test process or as a `fractal serve` subprocess, metrics and memory
+readings, and a bounded traffic loop."""
 
 from __future__ import annotations
 
