@@ -185,14 +185,11 @@ class Batcher:
         while True:
             now = self.clock()
             self._drop_dead(now)
-            heads = {v.key + f"#{id(v)}": q[0][0] for v, q in self._queues.items() if q}
-            by_name = {v.key + f"#{id(v)}": v for v in self._queues}
-            choice = pick_queue(heads)
-            if choice is None:
+            variant = pick_queue({v: q[0][0] for v, q in self._queues.items() if q})
+            if variant is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            variant = by_name[choice]
             queue = self._queues[variant]
             plan = plan_batch(
                 [Queued(d, job.size, job.enqueued_s) for d, _, job in queue],

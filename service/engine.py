@@ -149,7 +149,8 @@ class Engine:
             await asyncio.sleep(0.01)
 
     # -- admission ----------------------------------------------------------------------
-    def _model(self, arrival_s: float) -> LoadedModel:
+    def current_model(self, arrival_s: float) -> LoadedModel:
+        """The model to serve a request arriving at `arrival_s`, or the 503 why not."""
         if self.drain_started_s is not None and arrival_s >= self.drain_started_s:
             raise Unavailable("server is shutting down", "draining", self.settings.retry_after_s)
         if self.model is None:
@@ -256,7 +257,7 @@ class Engine:
 
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
-        model = self._model(request.arrival_s)
+        model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.min_confidence is not None and request.column is None:
             return await self._cascade(request, model)
@@ -290,7 +291,7 @@ class Engine:
 
         Raises Unavailable before yielding anything when column 1 cannot answer in time.
         With a forced column (`X-Column`) the stream is that one answer, then `done`."""
-        model = self._model(request.arrival_s)
+        model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.column is not None:
             answer = await self.classify(request)

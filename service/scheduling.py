@@ -7,8 +7,11 @@ decision is unit-tested with plain numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K")
 
 CostFn = Callable[[str, int], float]
 """(variant key, images in one run) -> predicted milliseconds."""
@@ -143,6 +146,6 @@ def plan_batch(
     return Dispatch(count, wait_until_s=wait_until)
 
 
-def pick_queue(heads: dict[str, float]) -> str | None:
+def pick_queue(heads: Mapping[K, float]) -> K | None:
     """Earliest deadline first across variants: the key whose head is most urgent."""
     return min(heads, key=lambda k: heads[k]) if heads else None

@@ -76,10 +76,7 @@ async def classify(request: Request, engine: EngineDep, settings: SettingsDep) -
     precision = parse_precision(headers.get("x-precision"))
     threshold = parse_confidence(headers.get("x-min-confidence"))
     state.deadline_ms = deadline
-    model = engine.model
-    if model is None:
-        engine._model(arrival)  # raises the not-ready 503
-        raise AssertionError
+    model = engine.current_model(arrival)
     body = await read_body(request, settings.max_body_bytes)
     encoded = encoded_images(body, headers.get("content-type"), settings)
     if sum(declared_pixels(data) for data in encoded) <= INLINE_DECODE_PIXELS:
