@@ -71,6 +71,7 @@ class LoopLag:
     period_s: float = 0.005
     smoothing: float = 0.3
     lag_ms: float = 0.0
+    excused_ms: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -83,10 +84,19 @@ class LoopLag:
 
     async def _watch(self) -> None:
         while True:
-            start = self.clock()
+            start, excused = self.clock(), self.excused_ms
             await asyncio.sleep(self.period_s)
-            late_ms = max(self.clock() - start - self.period_s, 0.0) * 1000.0
-            self.lag_ms += self.smoothing * (late_ms - self.lag_ms)
+            self.observe((self.clock() - start - self.period_s) * 1000.0, self.excused_ms - excused)
+
+    def observe(self, late_ms: float, excused_ms: float = 0.0) -> None:
+        """One timer `late_ms` behind, of which `excused_ms` went to inference run on the
+        loop on purpose (a run the batch would have waited for anyway, not a backlog)."""
+        late_ms = max(late_ms - excused_ms, 0.0)
+        self.lag_ms += self.smoothing * (late_ms - self.lag_ms)
+
+    def excuse(self, ms: float) -> None:
+        """The loop was busy `ms` running inference itself (`run_on_loop`)."""
+        self.excused_ms += ms
 
     @property
     def allowance_ms(self) -> float:

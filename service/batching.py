@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import Unavailable
-from service.scheduling import Queued, Waiting, pick_queue, plan_batch
+from service.scheduling import Queued, Waiting, pick_queue, plan_batch, run_on_loop
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class Batcher:
         workers: int = 1,
         on_queue_change: Callable[[Runnable, int], None] | None = None,
         on_batch: Callable[[Runnable, int, float], None] | None = None,
+        inline_max_ms: float = 0.0,
+        on_inline_run: Callable[[float], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_batch = max_batch
@@ -86,6 +88,8 @@ class Batcher:
         self._running_until: dict[int, float] = {}
         self._on_queue_change = on_queue_change or (lambda v, n: None)
         self._on_batch = on_batch or (lambda v, n, ms: None)
+        self.inline_max_ms = inline_max_ms
+        self._on_inline_run = on_inline_run or (lambda ms: None)
         self.running_batches = 0
 
     # -- submission and snapshots -------------------------------------------------------
@@ -138,6 +142,29 @@ class Batcher:
                     job.future.set_exception(Unavailable("server stopping", reason="draining"))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def run_now(self, job: Job) -> bool:
+        """Run `job` at once, on the event loop, when the server has nothing else to do
+        and batches do not wait for company (`run_on_loop`): no queue, no wake-up of the
+        worker, no thread hand-off. Returns whether it ran; its future then holds the
+        result or the exception. Otherwise the caller submits it."""
+        n = job.size
+        if self.max_wait_ms > 0 or not self.idle() or n > self.max_batch:
+            return False
+        predicted_ms = job.variant.predict_ms(n)
+        if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms):
+            return False
+        start = self.clock()
+        try:
+            probs = job.variant.run(job.images)
+        except Exception as exc:
+            log.exception("inference failed for %s (batch %d)", job.variant.key, n)
+            job.future.set_exception(exc)
+            return True
+        ms = (self.clock() - start) * 1000.0
+        self._on_inline_run(ms)
+        self._complete([job], probs, start, ms)
+        return True
+
     # -- the worker loop ----------------------------------------------------------------
     async def _worker(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -150,11 +177,19 @@ class Batcher:
                 else np.concatenate([job.images for job in batch])
             )
             n = int(images.shape[0])
+            predicted_ms = variant.predict_ms(n)
+            inline = run_on_loop(
+                n, predicted_ms, self.queued_images, self.running_batches, self.inline_max_ms
+            )
             start = self.clock()
-            self._running_until[index] = start + variant.predict_ms(n) / 1000.0
+            self._running_until[index] = start + predicted_ms / 1000.0
             self.running_batches += 1
             try:
-                probs = await loop.run_in_executor(self._pool, variant.run, images)
+                if inline:
+                    probs = variant.run(images)
+                    self._on_inline_run((self.clock() - start) * 1000.0)
+                else:
+                    probs = await loop.run_in_executor(self._pool, variant.run, images)
             except Exception as exc:  # fan the failure out; the worker lives on
                 log.exception("inference failed for %s (batch %d)", variant.key, n)
                 for job in batch:
@@ -164,22 +199,26 @@ class Batcher:
             finally:
                 self.running_batches -= 1
                 self._running_until.pop(index, None)
-            ms = (self.clock() - start) * 1000.0
-            variant.observe(n, ms)
-            self._on_batch(variant, n, ms)
-            offset = 0
-            for job in batch:
-                part = probs[offset : offset + job.size]
-                offset += job.size
-                if not job.future.done():
-                    job.future.set_result(
-                        JobResult(
-                            part,
-                            queue_ms=(start - job.enqueued_s) * 1000.0,
-                            inference_ms=ms,
-                            batch_size=n,
-                        )
+            self._complete(batch, probs, start, (self.clock() - start) * 1000.0)
+
+    def _complete(self, batch: list[Job], probs: np.ndarray, start: float, ms: float) -> None:
+        """Account for a finished run and hand every job its slice of the result."""
+        variant, n = batch[0].variant, int(probs.shape[0])
+        variant.observe(n, ms)
+        self._on_batch(variant, n, ms)
+        offset = 0
+        for job in batch:
+            part = probs[offset : offset + job.size]
+            offset += job.size
+            if not job.future.done():
+                job.future.set_result(
+                    JobResult(
+                        part,
+                        queue_ms=(start - job.enqueued_s) * 1000.0,
+                        inference_ms=ms,
+                        batch_size=n,
                     )
+                )
 
     async def _next_batch(self) -> list[Job]:
         while True:

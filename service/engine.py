@@ -101,6 +101,8 @@ class Engine:
             settings.inference_workers,
             self._queue_changed,
             self._batch_done,
+            inline_max_ms=settings.inline_run_max_ms,
+            on_inline_run=self.loop_lag.excuse,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -170,12 +172,12 @@ class Engine:
             return  # the route answers 503 not_ready or draining
         retry = self.settings.retry_after_s
         if self.admission.full or self.batcher.queued_images >= self.settings.queue_limit_images:
-            self.metrics.deadline_outcomes.labels("shed").inc()
+            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
         remaining = self._remaining_until(deadline_s) - self.loop_lag.allowance_ms
         if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
-            self.metrics.deadline_outcomes.labels("shed").inc()
+            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
 
     def _completion(self, request: Request, model: LoadedModel) -> Callable[[Candidate], float]:
@@ -224,19 +226,21 @@ class Engine:
         return [variant.candidate]
 
     def _shed(self, request: Request, why: str) -> Unavailable:
-        self.metrics.deadline_outcomes.labels("shed").inc()
+        self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
         return Unavailable(why, "deadline", self.settings.retry_after_s)
 
     def _check_queue(self, request: Request) -> None:
         if self.batcher.queued_images + request.images.shape[0] > self.settings.queue_limit_images:
-            self.metrics.deadline_outcomes.labels("shed").inc()
+            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("queue full", "queue_full", self.settings.retry_after_s)
 
     async def _run(self, request: Request, variant: VariantRuntime, late_ok: bool) -> ColumnAnswer:
         job = Job(
             variant, request.images, request.deadline_s, self.clock(), drop_when_late=not late_ok
         )
-        result: JobResult = await self.batcher.submit(job)
+        if not self.batcher.run_now(job):
+            self.batcher.submit(job)
+        result: JobResult = await job.future
         return ColumnAnswer(
             variant,
             result.probabilities,
@@ -252,7 +256,7 @@ class Engine:
         try:
             return await self._run(request, variant, late_ok)
         except Unavailable:
-            self.metrics.deadline_outcomes.labels("shed").inc()
+            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise
 
     # -- single answer ------------------------------------------------------------------
@@ -320,7 +324,7 @@ class Engine:
             if threshold is not None and answer.confidence >= threshold:
                 reason = "confident" if answer.variant.column < model.columns else "deepest"
                 if reason == "confident":
-                    self.metrics.cascade_exits.labels(str(answer.variant.column)).inc()
+                    self.metrics.child(self.metrics.cascade_exits, str(answer.variant.column)).inc()
                 break
             if answer.variant.column == model.columns:
                 break
@@ -349,22 +353,26 @@ class Engine:
         elapsed = (self.clock() - request.arrival_s) * 1000.0
         answer = Answer(model, final, request.deadline_ms, elapsed, run, reason)
         v = final.variant
-        self.metrics.column_served.labels(str(v.column), v.precision).inc()
+        self.metrics.child(self.metrics.column_served, str(v.column), v.precision).inc()
         if v.spec.accuracy is not None:
             self.metrics.served_accuracy.observe(v.spec.accuracy)
         if request.deadline_ms is not None:
             self.metrics.deadline_ratio.observe(elapsed / request.deadline_ms)
-            self.metrics.deadline_outcomes.labels("met" if answer.deadline_met else "missed").inc()
+            self.metrics.child(
+                self.metrics.deadline_outcomes, "met" if answer.deadline_met else "missed"
+            ).inc()
             seen = elapsed + self.loop_lag.allowance_ms  # about what the client sees
             self.admission.outcome(seen, request.deadline_ms, self.clock())
         return answer
 
     def _queue_changed(self, variant: Runnable, images: int) -> None:
         assert isinstance(variant, VariantRuntime)
-        self.metrics.queue_depth.labels(str(variant.column), variant.precision).set(images)
+        self.metrics.child(self.metrics.queue_depth, str(variant.column), variant.precision).set(
+            images
+        )
 
     def _batch_done(self, variant: Runnable, n: int, ms: float) -> None:
         assert isinstance(variant, VariantRuntime)
         col, prec = str(variant.column), variant.precision
-        self.metrics.batch_size.labels(col, prec).observe(n)
-        self.metrics.inference_duration.labels(col, prec, str(n)).observe(ms / 1000.0)
+        self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
+        self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 
 # Milliseconds matter here: buckets from 0.5 ms to 10 s.
 LATENCY_BUCKETS_S = (
@@ -98,5 +101,16 @@ class Metrics:
         )
         self.model_info = Info("fractal_model", "The model being served", registry=r)
         self.ready = Gauge("fractal_ready", "1 when the server reports ready", registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         for outcome in ("met", "missed", "shed"):
             self.deadline_outcomes.labels(outcome)
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered: prometheus_client takes a lock and checks
+        the names on every call, which adds up on the per-request path. Label values here
+        come from small sets (endpoints, statuses, columns, batch sizes)."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found

@@ -11,19 +11,15 @@ from service.model import LoadedModel
 
 
 def prediction(probs: np.ndarray, classes: tuple[str, ...], top: int = 5) -> dict[str, Any]:
-    order = np.argsort(-probs)[:top]
-    best = int(order[0])
+    values: list[float] = probs.tolist()  # Python floats: cheaper to sort and encode
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))[:top]
+    best = order[0]
     return {
         "class_index": best,
         "class_name": classes[best],
-        "confidence": float(probs[best]),
+        "confidence": values[best],
         "top5": [
-            {
-                "class_index": int(i),
-                "class_name": classes[int(i)],
-                "probability": float(probs[int(i)]),
-            }
-            for i in order
+            {"class_index": i, "class_name": classes[i], "probability": values[i]} for i in order
         ],
     }
 

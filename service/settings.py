@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     """Most images in one onnxruntime run."""
     max_batch_wait_ms: float = Field(default=0.0, ge=0)
     """Longest a batch waits for company (never past its most urgent member's slack)."""
+    inline_run_max_ms: float = Field(default=3.0, ge=0)
+    """An idle server runs a batch predicted to take at most this long on the event loop
+    instead of the inference thread (saves the hand-off; 0: always the thread)."""
     queue_limit_images: int = Field(default=512, ge=1)
     """Images that may wait across all variants before new work is refused (503)."""
     default_deadline_ms: float | None = Field(default=None, gt=0)

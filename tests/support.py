@@ -275,3 +275,7 @@ def read_sse(response: httpx.Response) -> list[tuple[str, Any]]:
         elif line.startswith("data: ") and kind is not None:
             events.append((kind, json.loads(line[len("data: ") :])))
     return events
+
+
+MADE_REQUEST_ID = r"[0-9a-f]{12}-[0-9a-f]+"
+"""The shape of a request id the server makes (a process prefix and a counter)."""

@@ -67,6 +67,16 @@ def test_loop_lag_sees_a_blocked_loop() -> None:
     assert blocked >= 50.0 and blocked > calm
 
 
+def test_loop_lag_excuses_inference_run_on_the_loop() -> None:
+    lag = LoopLag(smoothing=1.0)
+    lag.observe(late_ms=4.0, excused_ms=3.5)
+    assert lag.lag_ms == pytest.approx(0.5)
+    lag.observe(late_ms=2.0, excused_ms=3.0)  # never below zero
+    assert lag.lag_ms == 0.0
+    lag.observe(late_ms=6.0)
+    assert lag.lag_ms == 6.0
+
+
 # -- refusal at arrival, on the live server ------------------------------------------------------
 @pytest.fixture
 def at_capacity(live: ThreadServer) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 from service.cli import JsonFormatter
 from service.settings import Settings
 from tests.support import (
+    MADE_REQUEST_ID,
     ThreadServer,
     image_bytes,
     read_sse,
@@ -186,7 +188,7 @@ def test_request_id_in_the_access_log(live: ThreadServer, caplog: pytest.LogCapt
     assert logged["trace-42"]["status"] == 200 and logged["trace-42"]["path"] == "/v1/classify"
     for response in (made, refused):
         rid = response.headers["X-Request-ID"]
-        assert len(rid) == 32 and logged[rid]["status"] == response.status_code
+        assert re.fullmatch(MADE_REQUEST_ID, rid) and logged[rid]["status"] == response.status_code
 
 
 @pytest.mark.parametrize("given", ["two words", "x" * 200, 'a"b', "é"])
@@ -194,7 +196,7 @@ def test_unsafe_request_id_is_replaced(live: ThreadServer, given: str) -> None:
     """A client's id goes into logs and headers: only a plain token is taken as it is."""
     with live.client() as c:
         r = c.get("/v1/models", headers=[(b"X-Request-ID", given.encode())])
-    assert r.headers["X-Request-ID"] != given and len(r.headers["X-Request-ID"]) == 32
+    assert re.fullmatch(MADE_REQUEST_ID, r.headers["X-Request-ID"])
 
 
 def test_json_log_line_carries_the_request_id() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +27,11 @@ class FakeVariant:
     runs: list[tuple[str, int]] = field(default_factory=list)
     log: list[tuple[str, int]] | None = None
     fail: bool = False
+    cost_ms: float = 1.0
+    threads: list[int] = field(default_factory=list)
 
     def run(self, images: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.get_ident())
         if self.fail:
             raise RuntimeError("boom")
         entry = (self.key, int(images.shape[0]))
@@ -38,7 +42,7 @@ class FakeVariant:
         return np.repeat(images[:, :1, 0, 0].astype(np.float32), 2, axis=1)
 
     def predict_ms(self, n: int) -> float:
-        return 1.0 * n
+        return self.cost_ms * n
 
     def observe(self, n: int, ms: float) -> None:
         pass
@@ -164,3 +168,56 @@ async def test_snapshots_for_admission() -> None:
     assert {(w.key, w.images) for w in b.ahead_of(2.0)} == {("a", 2)}
     assert b.running_remaining_ms() == 0.0
     await b.stop()
+
+
+async def test_an_idle_server_runs_a_short_job_at_once_on_the_loop() -> None:
+    clock = FakeClock()
+    inline: list[float] = []
+    b = Batcher(clock, max_batch=32, max_wait_ms=0, inline_max_ms=3.0, on_inline_run=inline.append)
+    v = FakeVariant("a")
+    j = job(v, pixel=7, deadline=1.0, clock=clock)
+    assert b.run_now(j)  # no worker started: it ran here
+    assert j.future.done() and int(j.future.result().probabilities[0, 0]) == 7
+    assert v.threads == [threading.get_ident()] and len(inline) == 1
+    assert b.idle()
+
+
+async def test_run_now_declines_when_busy_long_or_batches_wait() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0, inline_max_ms=3.0)
+    v = FakeVariant("a")
+    b.submit(job(v, 1, 1.0, clock))
+    assert not b.run_now(job(v, 2, 1.0, clock))  # something is queued: join the queue
+    slow = FakeVariant("slow", cost_ms=5.0)
+    assert not Batcher(clock, 32, 0, inline_max_ms=3.0).run_now(job(slow, 1, 1.0, clock))
+    waiting = Batcher(clock, 32, max_wait_ms=2.0, inline_max_ms=3.0)
+    assert not waiting.run_now(job(v, 1, 1.0, clock))  # batches wait for company
+    assert not Batcher(clock, 32, 0).run_now(job(v, 1, 1.0, clock))  # switched off
+    assert v.runs == [] and slow.runs == []
+    await b.stop()
+
+
+async def test_run_now_failure_reaches_the_request() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0, inline_max_ms=3.0)
+    j = job(FakeVariant("a", fail=True), 1, 1.0, clock)
+    assert b.run_now(j)
+    with pytest.raises(RuntimeError, match="boom"):
+        await j.future
+
+
+async def test_worker_runs_a_lone_batch_on_the_loop_and_a_busy_one_on_its_thread() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=2, max_wait_ms=0, inline_max_ms=3.0)
+    v = FakeVariant("a")
+    lone = b.submit(job(v, 1, 1.0, clock))
+    b.start()
+    await lone
+    assert v.threads == [threading.get_ident()]
+    # Three jobs, batches of two: the first batch leaves one waiting, so it goes to the
+    # thread; the last, alone, runs on the loop.
+    futures = [b.submit(job(v, i, 2.0 + i, clock)) for i in range(3)]
+    await asyncio.gather(*futures)
+    await b.stop()
+    assert v.runs[1:] == [("a", 2), ("a", 1)]
+    assert v.threads[1] != threading.get_ident() and v.threads[2] == threading.get_ident()

@@ -14,6 +14,7 @@ from service.scheduling import (
     pick_queue,
     plan_batch,
     predict_completion_ms,
+    run_on_loop,
 )
 
 COST = {
@@ -129,3 +130,13 @@ def test_plan_batch_waits_for_company_but_never_past_the_slack() -> None:
 def test_pick_queue_is_edf_across_variants() -> None:
     assert pick_queue({"a": 3.0, "b": 1.0, "c": 2.0}) == "b"
     assert pick_queue({}) is None
+
+
+def test_run_on_loop_only_when_idle_and_short() -> None:
+    assert run_on_loop(1, 2.0, waiting_images=0, running_batches=0, limit_ms=3.0)
+    assert run_on_loop(1, 3.0, 0, 0, 3.0)  # at the limit
+    assert not run_on_loop(1, 3.1, 0, 0, 3.0)  # too long: the thread runs it
+    assert not run_on_loop(1, 1.0, 1, 0, 3.0)  # others wait: the loop must keep parsing
+    assert not run_on_loop(1, 1.0, 0, 1, 3.0)  # a batch runs on the thread
+    assert not run_on_loop(1, 0.1, 0, 0, 0.0)  # switched off
+    assert not run_on_loop(0, 0.1, 0, 0, 3.0)
