@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        extra = "train" if module_name.startswith("model") else "cpu"
+        extra = {"model": "train", "loadtest": "loadtest"}.get(module_name.split(".")[0], "cpu")
         print(
             f"fractal {name}: missing dependency {exc.name!r}; install the "
             f"'{extra}' extra (pip install -e '.[{extra}]')",

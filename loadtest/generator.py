@@ -1,4 +1,4 @@
-"""The open-loop load generator: worker processes, each an asyncio + httpx loop.
+"""The open-loop load generator: worker processes, each an asyncio + aiohttp loop.
 
 The plan (arrival time, image and deadline of every request) is computed up front by
 `build_plan`, a pure seeded function. Each worker sleeps until an arrival is due and
@@ -10,22 +10,25 @@ instant so that together they can offer more load than one Python process could.
 Latency is measured from the *scheduled* time, not the send time, so any lag of the
 generator itself counts against the answer instead of hiding (coordinated omission);
 `send_s - scheduled_s` shows that lag.
+
+aiohttp, not httpx: on the 2-CPU development machine an httpx client spent about 4.5 ms
+of CPU per request against a trivial endpoint and aiohttp 0.26 ms (measured side by side,
+docs/loadtest.md). A generator that shares the machine with the server must be cheap, or
+it measures itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import multiprocessing as mp
 import queue
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 from loadtest.deadlines import Deadline, sample_deadlines
@@ -46,8 +49,6 @@ from service.protocol import (
 START_DELAY_S = 0.2
 """Time between the start signal and the first scheduled instant."""
 READY_TIMEOUT_S = 60.0
-SHARD_CONNECTIONS = 16
-"""Connections per httpx client (see `Clients`)."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,11 @@ def _finish(result: Result, answer: Answer, done_s: float) -> Result:
 
 
 async def _send(
-    client: httpx.AsyncClient, target: Target, sample: Sample | None, result: Result, t0: float
+    session: aiohttp.ClientSession,
+    target: Target,
+    sample: Sample | None,
+    result: Result,
+    t0: float,
 ) -> Result:
     """Send one request and fill `result`; never raises."""
 
@@ -160,10 +165,11 @@ async def _send(
     try:
         async with asyncio.timeout(target.timeout_s):
             if sample is None:
-                response = await client.get(LIVE_PATH)
-                result.status = response.status_code
-                ok = response.is_success
-                answer = Answer() if ok else Answer(error=error_text(result.status, b""))
+                async with session.get(target.url.rstrip("/") + LIVE_PATH) as response:
+                    body = await response.read()
+                    result.status = response.status
+                ok = 200 <= result.status < 300
+                answer = Answer() if ok else Answer(error=error_text(result.status, body))
                 return _finish(result, answer, now())
             headers = classify_headers(
                 sample.content_type,
@@ -172,25 +178,18 @@ async def _send(
                 target.stream,
                 request_id=f"loadtest-{result.index}",
             )
-            if not target.stream:
-                response = await client.post(CLASSIFY_PATH, content=sample.data, headers=headers)
-                result.status = response.status_code
-                if response.is_success:
-                    answer = answer_from_json(response.json())
-                else:
-                    answer = Answer(error=error_text(result.status, response.content))
-                return _finish(result, answer, now())
-            request = client.build_request(
-                "POST", CLASSIFY_PATH, content=sample.data, headers=headers
-            )
-            response = await client.send(request, stream=True)
-            try:
-                result.status = response.status_code
-                if not response.is_success:
-                    body = await response.aread()
+            url = target.url.rstrip("/") + CLASSIFY_PATH
+            async with session.post(url, data=sample.data, headers=headers) as response:
+                result.status = response.status
+                if not 200 <= response.status < 300:
+                    body = await response.read()
                     return _finish(result, Answer(error=error_text(result.status, body)), now())
+                if not target.stream:
+                    answer = answer_from_json(await response.json(content_type=None))
+                    return _finish(result, answer, now())
                 answer, parser = NO_DONE, SseParser()
-                async for line in response.aiter_lines():
+                async for raw in response.content:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
                     for event in parser.feed(line):
                         if event.name == "prediction" and result.first_answer_ms is None:
                             result.first_answer_ms = _ms(now() - result.scheduled_s)
@@ -198,47 +197,23 @@ async def _send(
                 for event in parser.feed(""):  # a last event without its blank line
                     answer = after_event(answer, event)
                 return _finish(result, answer, now())
-            finally:
-                await response.aclose()
     except TimeoutError:
         return _finish(result, Answer(error="timeout"), now())
     except Exception as exc:  # every arrival must end as a result, whatever went wrong
         return _finish(result, Answer(error=f"{type(exc).__name__}: {exc}"[:160]), now())
 
 
-class Clients:
-    """httpx clients of at most SHARD_CONNECTIONS connections each, enough for `bound`.
-
-    One client with hundreds of connections would do: but httpcore 1.0's pool rescans
-    every connection for every queued request (quadratic; encode/httpcore#1035), which
-    collapses the sender at exactly the load it exists to offer. Small clients keep each
-    scan short. A request takes the first client with a free connection, so it never
-    waits in a pool: at most `bound` requests are in flight and the clients hold that many.
-    """
-
-    def __init__(self, url: str, bound: int) -> None:
-        count = math.ceil(bound / SHARD_CONNECTIONS)
-        limits = httpx.Limits(
-            max_connections=SHARD_CONNECTIONS, max_keepalive_connections=SHARD_CONNECTIONS
-        )
-        tls = ssl.create_default_context()  # built once: loading CA roots is slow
-        self.clients = [
-            httpx.AsyncClient(base_url=url, limits=limits, timeout=None, verify=tls)
-            for _ in range(count)
-        ]
-        self.busy = [0] * count
-
-    def take(self) -> int:
-        index = next(i for i, n in enumerate(self.busy) if n < SHARD_CONNECTIONS)
-        self.busy[index] += 1
-        return index
-
-    def give_back(self, index: int) -> None:
-        self.busy[index] -= 1
-
-    async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+def _session(bound: int) -> aiohttp.ClientSession:
+    """One connection per request in flight, kept alive; no timeout of its own (each
+    request has `Target.timeout_s`), no cookie jar, and no automatic decompression of
+    what the server never compresses."""
+    connector = aiohttp.TCPConnector(limit=bound, limit_per_host=bound, ttl_dns_cache=None)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+    )
 
 
 async def run_share(
@@ -256,11 +231,10 @@ async def run_share(
     """
     results: list[Result] = []
     in_flight: set[asyncio.Task[Result]] = set()
-    clients = Clients(target.url, bound)
+    session = _session(bound)
 
-    def collect(index: int, task: asyncio.Task[Result]) -> None:
+    def collect(task: asyncio.Task[Result]) -> None:
         in_flight.discard(task)
-        clients.give_back(index)
         results.append(task.result())
 
     try:
@@ -281,15 +255,13 @@ async def run_share(
                 result.dropped = True
                 results.append(result)
                 continue
-            index = clients.take()
-            client = clients.clients[index]
-            task = asyncio.create_task(_send(client, target, sample, result, start_monotonic))
+            task = asyncio.create_task(_send(session, target, sample, result, start_monotonic))
             in_flight.add(task)
-            task.add_done_callback(functools.partial(collect, index))
+            task.add_done_callback(collect)
         while in_flight:
             await asyncio.wait(set(in_flight))
     finally:
-        await clients.aclose()
+        await session.close()
     return results
 
 

@@ -103,6 +103,8 @@ class ObservabilityMiddleware:
         column = str(state.get("column", "none"))
         self.metrics.child(self.metrics.requests, endpoint, str(status)).inc()
         self.metrics.child(self.metrics.request_duration, endpoint, column).observe(elapsed)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         record = {
             "request_id": state.get("request_id"),
             "method": scope.get("method"),
