@@ -4,6 +4,7 @@
         --deadline mixture:0.7*fixed:20,0.3*uniform:50:200 --out results/
     fractal loadtest --url ... --rate 20 --duration 10 --sweep --deadlines 5,10,20,40,80
     fractal loadtest --url ... --ceiling --rate 200
+    fractal loadtest --url ... --target --rate 50 --duration 10
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from loadtest.generator import Target, build_plan, run_load
 from loadtest.report import format_table, summarize, write_csv, write_json
 from loadtest.samples import Sample, load_samples
 from loadtest.sweep import format_sweep, parse_grid, run_sweep
+from loadtest.target import TargetRun, format_target, run_target
 from service.protocol import LIVE_PATH, MODELS_PATH, column_count, model_classes
 
 log = logging.getLogger("loadtest")
@@ -95,6 +97,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure the generator's own ceiling against GET /v2/health/live, "
         "doubling --rate for up to --steps steps",
     )
+    mode.add_argument(
+        "--target",
+        action="store_true",
+        help="the acceptance run: calibrate each column at --rate, saturate the deepest "
+        "at --saturate-rate, then 70%% of saturation with derived deadlines: server's "
+        "choice, streams, and every column forced",
+    )
+    p.add_argument(
+        "--saturate-rate",
+        type=float,
+        default=1000.0,
+        help="offered rate of the --target saturation step (default %(default)s)",
+    )
     p.add_argument(
         "--deadlines",
         default="5,10,20,40,80",
@@ -103,8 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="ramp steps for --ceiling")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     args = p.parse_args(argv)
-    if args.rate <= 0 or args.duration <= 0:
-        p.error("--rate and --duration must be positive")
+    if args.rate <= 0 or args.duration <= 0 or args.saturate_rate <= 0:
+        p.error("--rate, --duration and --saturate-rate must be positive")
     if args.workers < 1 or args.concurrency < args.workers:
         p.error("need --workers >= 1 and --concurrency >= --workers")
     if args.column is not None and args.column < 1:
@@ -203,6 +218,29 @@ def sweep(args: argparse.Namespace, samples: list[Sample], models: dict[str, Any
     return 0
 
 
+def target(args: argparse.Namespace, samples: list[Sample], models: dict[str, Any]) -> int:
+    run = TargetRun(
+        _target(args),
+        column_count(models),
+        args.rate,
+        args.saturate_rate,
+        args.duration,
+        samples,
+        args.concurrency,
+        args.workers,
+        args.seed,
+    )
+    report = run_target(run)
+    print(format_target(report))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {**_run_meta(args, samples), "saturate_rate_rps": args.saturate_rate}
+        del meta["deadline"], meta["column"], meta["stream"]
+        write_json(args.out / "target.json", {"run": meta, **report})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def ceiling(args: argparse.Namespace) -> int:
     report = run_ceiling(
         _target(args),
@@ -241,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     _warn_on_labels(samples, models)
     if args.sweep:
         return sweep(args, samples, models)
+    if args.target:
+        return target(args, samples, models)
     return single(args, samples)
 
 

@@ -1,0 +1,199 @@
+"""`fractal loadtest --target`: the acceptance run of docs/loadtest.md as one command.
+
+1. **Calibrate**: each column forced (`X-Column`), no deadline, at the low `--rate`:
+   its p99 latency as this harness sees it (client included).
+2. **Saturate**: the deepest column forced, no deadline, offered `--saturate-rate`
+   (far above what the server can do): the answers per second it sustains are the
+   saturated throughput, the rate at which every request could still get the best answer.
+3. **Target load**: `load_share` (70 %) of that, with deadlines uniform between
+   `low_factor` (1.5) x column 1's p99 and `high_factor` (2) x the deepest column's p99.
+   At that load the same plan (same arrivals, images, deadlines) runs with the server
+   choosing, as streams, and with each column forced.
+4. **Verdict** (`verdict`, a pure function): the server's hit rate is at least
+   `hit_rate` (99.5 %); its accuracy is at least that of the most accurate single column
+   whose hit rate is at least the server's; and a stream's first answer (p99) comes
+   within column 1's p99 at that load (forced, single answer) plus `stream_slack_ms`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from loadtest.deadlines import Deadline, NoDeadline, Uniform
+from loadtest.generator import Target, build_plan, run_load
+from loadtest.report import summarize
+from loadtest.samples import Sample
+from loadtest.sweep import SETTLE_S
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    load_share: float = 0.7
+    low_factor: float = 1.5
+    high_factor: float = 2.0
+    hit_rate: float = 0.995
+    stream_slack_ms: float = 2.0
+
+
+def target_deadlines(p99_ms: Mapping[int, float], spec: TargetSpec) -> tuple[float, float]:
+    """(low, high) ms: low_factor x column 1's p99, high_factor x the deepest one's
+    (never below low)."""
+    low = spec.low_factor * p99_ms[1]
+    high = spec.high_factor * p99_ms[max(p99_ms)]
+    return round(low, 3), round(max(high, low), 3)
+
+
+def target_rate(saturated_rps: float, spec: TargetSpec) -> float:
+    return round(spec.load_share * saturated_rps, 1)
+
+
+def best_single_column(
+    columns: Mapping[int, Mapping[str, Any]], hit_rate: float
+) -> tuple[int, float] | None:
+    """The most accurate forced column whose hit rate is at least `hit_rate`, and its
+    accuracy; None when no column reaches it."""
+    reaching = [
+        (summary["accuracy"], k)
+        for k, summary in columns.items()
+        if summary["accuracy"] is not None and (summary["deadline_hit_rate"] or 0.0) >= hit_rate
+    ]
+    if not reaching:
+        return None
+    accuracy, column = max(reaching)
+    return column, accuracy
+
+
+def verdict(
+    auto: Mapping[str, Any],
+    stream: Mapping[str, Any],
+    columns: Mapping[int, Mapping[str, Any]],
+    spec: TargetSpec,
+) -> dict[str, Any]:
+    """Each target, its measured value, the bound it is held to, and whether it is met."""
+    hit = auto["deadline_hit_rate"] or 0.0
+    best = best_single_column(columns, hit)
+    accuracy = auto["accuracy"]
+    first = (stream.get("stream_first_answer_ms") or {}).get("p99")
+    column_1_p99 = columns[1]["latency_ms"]["p99"] if 1 in columns else None
+    stream_bound = None if column_1_p99 is None else column_1_p99 + spec.stream_slack_ms
+    return {
+        "hit_rate": {"value": hit, "bound": spec.hit_rate, "met": hit >= spec.hit_rate},
+        "accuracy": {
+            "value": accuracy,
+            "best_single_column": None if best is None else best[0],
+            "bound": None if best is None else best[1],
+            # No single column reaching the server's hit rate: nothing to fall short of.
+            "met": accuracy is not None and (best is None or accuracy >= best[1]),
+        },
+        "stream_first_answer_p99_ms": {
+            "value": first,
+            "bound": stream_bound,
+            "met": first is not None and stream_bound is not None and first <= stream_bound,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class TargetRun:
+    target: Target
+    columns: int
+    calibrate_rps: float
+    saturate_rps: float
+    duration_s: float
+    samples: Sequence[Sample]
+    concurrency: int
+    workers: int
+    seed: int
+    spec: TargetSpec = TargetSpec()
+
+    def load(self, deadline: Deadline, rate_rps: float, **changes: Any) -> dict[str, Any]:
+        plan = build_plan(rate_rps, self.duration_s, deadline, len(self.samples), self.seed)
+        target = replace(self.target, **changes)
+        results = run_load(target, plan, self.samples, self.concurrency, self.workers)
+        time.sleep(SETTLE_S)
+        return summarize(results, rate_rps, self.duration_s)
+
+
+def run_target(run: TargetRun) -> dict[str, Any]:
+    """Every step's summary, the derived load and deadlines, and the verdict."""
+    deepest = run.columns
+    calibration = {
+        k: run.load(NoDeadline(), run.calibrate_rps, column=k, stream=False)
+        for k in range(1, deepest + 1)
+    }
+    p99 = {k: s["latency_ms"]["p99"] for k, s in calibration.items()}
+    log.info("calibration p99 by column (ms): %s", p99)
+    saturation = run.load(NoDeadline(), run.saturate_rps, column=deepest, stream=False)
+    saturated = saturation["achieved_rate_rps"]
+    rate = target_rate(saturated, run.spec)
+    low, high = target_deadlines(p99, run.spec)
+    log.info(
+        "saturated %s answers/s: target load %s req/s, deadlines %s-%s ms",
+        saturated,
+        rate,
+        low,
+        high,
+    )
+    deadline = Uniform(low, high)
+    auto = run.load(deadline, rate, column=None, stream=False)
+    stream = run.load(deadline, rate, column=None, stream=True)
+    forced = {k: run.load(deadline, rate, column=k, stream=False) for k in range(1, deepest + 1)}
+    return {
+        "spec": asdict(run.spec),
+        "calibration": {
+            "rate_rps": run.calibrate_rps,
+            "p99_ms": {str(k): v for k, v in p99.items()},
+            "runs": {str(k): s for k, s in calibration.items()},
+        },
+        "saturation": {
+            "offered_rps": run.saturate_rps,
+            "column": deepest,
+            "achieved_rps": saturated,
+            "run": saturation,
+        },
+        "load": {"rate_rps": rate, "deadline": deadline.spec()},
+        "runs": {
+            "auto": auto,
+            "stream": stream,
+            **{f"column {k}": s for k, s in forced.items()},
+        },
+        "verdict": verdict(auto, stream, forced, run.spec),
+    }
+
+
+def format_target(report: Mapping[str, Any]) -> str:
+    load = report["load"]
+    lines = [
+        f"calibration p99 (ms) by column at {report['calibration']['rate_rps']:g} req/s: "
+        + ", ".join(f"{k}: {v}" for k, v in report["calibration"]["p99_ms"].items()),
+        f"saturated throughput (column {report['saturation']['column']} forced): "
+        f"{report['saturation']['achieved_rps']} answers/s",
+        f"target load: {load['rate_rps']} req/s, deadlines {load['deadline']} ms",
+        "",
+        f"{'mode':10s} {'hit rate':>9s} {'accuracy':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
+        f"{'shed':>7s} {'first p99':>10s}  columns served",
+    ]
+    for mode, s in report["runs"].items():
+        first = (s.get("stream_first_answer_ms") or {}).get("p99")
+        lines.append(
+            f"{mode:10s} {_num(s['deadline_hit_rate'], 4):>9s} {_num(s['accuracy'], 4):>9s} "
+            f"{_num(s['latency_ms']['p50'], 2):>8s} {_num(s['latency_ms']['p99'], 2):>8s} "
+            f"{_num(s['shed_rate'], 4):>7s} {_num(first, 2):>10s}  {s['columns_served']}"
+        )
+    lines.append("")
+    for name, v in report["verdict"].items():
+        lines.append(
+            f"{name}: {_num(v['value'], 4)} against {_num(v['bound'], 4)}: "
+            f"{'met' if v['met'] else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

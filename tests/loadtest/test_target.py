@@ -1,0 +1,88 @@
+"""`fractal loadtest --target`: the derived load and deadlines, the verdict, and the whole
+run against the stub server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.cli import main
+from loadtest.samples import load_samples
+from loadtest.target import (
+    TargetSpec,
+    best_single_column,
+    target_deadlines,
+    target_rate,
+    verdict,
+)
+from tests.loadtest.loadtest_stub import StubServer
+
+SPEC = TargetSpec()
+
+
+def summary(
+    hit: float, accuracy: float | None, p99: float = 5.0, first: float | None = None
+) -> dict[str, Any]:
+    return {
+        "deadline_hit_rate": hit,
+        "accuracy": accuracy,
+        "latency_ms": {"p50": p99 / 2, "p99": p99},
+        "stream_first_answer_ms": None if first is None else {"p50": first / 2, "p99": first},
+    }
+
+
+def test_deadlines_and_rate_follow_the_spec() -> None:
+    assert target_deadlines({1: 4.0, 2: 6.0, 3: 9.0}, SPEC) == (6.0, 18.0)
+    # A deepest column faster than 1.5x column 1 never makes an empty range.
+    assert target_deadlines({1: 10.0, 2: 7.0}, SPEC) == (15.0, 15.0)
+    assert target_rate(400.0, SPEC) == 280.0
+
+
+def test_best_single_column_reaching_a_hit_rate() -> None:
+    columns = {1: summary(1.0, 0.6), 2: summary(0.999, 0.7), 3: summary(0.9, 0.8)}
+    assert best_single_column(columns, 0.995) == (2, 0.7)
+    assert best_single_column(columns, 1.0) == (1, 0.6)
+    assert best_single_column({1: summary(0.5, 0.6)}, 0.9) is None
+
+
+def test_verdict_each_target() -> None:
+    columns = {1: summary(1.0, 0.6, p99=4.0), 2: summary(0.97, 0.8, p99=9.0)}
+    good = verdict(summary(0.997, 0.65), summary(0.99, 0.7, first=5.5), columns, SPEC)
+    assert all(v["met"] for v in good.values())
+    assert good["accuracy"]["best_single_column"] == 1 and good["accuracy"]["bound"] == 0.6
+    assert good["stream_first_answer_p99_ms"]["bound"] == 6.0
+    bad = verdict(summary(0.99, 0.55), summary(0.99, 0.7, first=6.5), columns, SPEC)
+    assert not any(v["met"] for v in bad.values())
+    # At a hit rate no single column reaches, there is no accuracy to fall short of.
+    alone = verdict(summary(1.0, 0.5), summary(1.0, 0.5, first=1.0), {1: summary(0.9, 0.6)}, SPEC)
+    assert alone["accuracy"]["met"] and alone["accuracy"]["bound"] is None
+
+
+def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = {s.data: s.label for s in load_samples()}
+    out = tmp_path / "target"
+    with StubServer(column_ms=(2.0, 12.0), labels=labels) as stub:
+        code = main(
+            ["--url", stub.url, "--target", "--rate", "30", "--saturate-rate", "80",
+             "--duration", "0.6", "--workers", "1", "--no-plots", "--out", str(out)]
+        )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "hit_rate:" in printed and "stream_first_answer_p99_ms:" in printed
+    report = json.loads((out / "target.json").read_text())
+    p99 = report["calibration"]["p99_ms"]
+    assert set(p99) == {"1", "2"} and p99["1"] < p99["2"]
+    assert report["load"]["rate_rps"] == pytest.approx(
+        0.7 * report["saturation"]["achieved_rps"], abs=0.1
+    )
+    low, high = target_deadlines({1: p99["1"], 2: p99["2"]}, SPEC)
+    assert report["load"]["deadline"] == f"uniform:{low:g}:{high:g}"
+    assert set(report["runs"]) == {"auto", "stream", "column 1", "column 2"}
+    assert report["runs"]["stream"]["stream_first_answer_ms"]["p99"] is not None
+    for run in report["runs"].values():
+        counts = run["counts"]
+        assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
+    assert set(report["verdict"]) == {"hit_rate", "accuracy", "stream_first_answer_p99_ms"}
