@@ -229,6 +229,7 @@ def target(args: argparse.Namespace, samples: list[Sample], models: dict[str, An
         args.concurrency,
         args.workers,
         args.seed,
+        out=args.out,
     )
     report = run_target(run)
     print(format_target(report))

@@ -51,6 +51,9 @@ class Job:
     deadline_s: float
     enqueued_s: float
     drop_when_late: bool
+    order_s: float | None = None
+    """Its place in earliest-deadline-first order when not its deadline: a stream's first
+    answer goes by its arrival, ahead of deeper work (docs/serving.md)."""
     future: asyncio.Future[JobResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -74,6 +77,7 @@ class Batcher:
         on_batch: Callable[[Runnable, int, float], None] | None = None,
         inline_max_ms: float = 0.0,
         on_inline_run: Callable[[float], None] | None = None,
+        active_requests: Callable[[], int] = lambda: 1,
     ) -> None:
         self.clock = clock
         self.max_batch = max_batch
@@ -90,12 +94,14 @@ class Batcher:
         self._on_batch = on_batch or (lambda v, n, ms: None)
         self.inline_max_ms = inline_max_ms
         self._on_inline_run = on_inline_run or (lambda ms: None)
+        self._active_requests = active_requests
         self.running_batches = 0
 
     # -- submission and snapshots -------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Future[JobResult]:
         queue = self._queues.setdefault(job.variant, [])
-        bisect.insort(queue, (job.deadline_s, next(self._seq), job))
+        order = job.deadline_s if job.order_s is None else job.order_s
+        bisect.insort(queue, (order, next(self._seq), job))
         self._images[job.variant] = self._images.get(job.variant, 0) + job.size
         self._on_queue_change(job.variant, self._images[job.variant])
         self._wake.set()
@@ -108,11 +114,11 @@ class Batcher:
     def queued_for(self, variant: Runnable) -> int:
         return self._images.get(variant, 0)
 
-    def ahead_of(self, deadline_s: float) -> list[Waiting]:
-        """Queued images with a deadline at or before `deadline_s`, per variant."""
+    def ahead_of(self, order_s: float) -> list[Waiting]:
+        """Queued images at or before `order_s` in EDF order, per variant."""
         ahead = []
         for variant, queue in self._queues.items():
-            images = sum(e[2].size for e in queue if e[0] <= deadline_s and not e[2].future.done())
+            images = sum(e[2].size for e in queue if e[0] <= order_s and not e[2].future.done())
             if images:
                 ahead.append(Waiting(variant.key, images))
         return ahead
@@ -151,7 +157,7 @@ class Batcher:
         if self.max_wait_ms > 0 or not self.idle() or n > self.max_batch:
             return False
         predicted_ms = job.variant.predict_ms(n)
-        if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms):
+        if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms, self._active_requests()):
             return False
         start = self.clock()
         try:
@@ -179,7 +185,12 @@ class Batcher:
             n = int(images.shape[0])
             predicted_ms = variant.predict_ms(n)
             inline = run_on_loop(
-                n, predicted_ms, self.queued_images, self.running_batches, self.inline_max_ms
+                n,
+                predicted_ms,
+                self.queued_images,
+                self.running_batches,
+                self.inline_max_ms,
+                self._active_requests(),
             )
             start = self.clock()
             self._running_until[index] = start + predicted_ms / 1000.0
@@ -231,7 +242,7 @@ class Batcher:
                 continue
             queue = self._queues[variant]
             plan = plan_batch(
-                [Queued(d, job.size, job.enqueued_s) for d, _, job in queue],
+                [Queued(job.deadline_s, job.size, job.enqueued_s) for _, _, job in queue],
                 now,
                 variant.predict_ms,
                 self.max_batch,
@@ -255,7 +266,7 @@ class Batcher:
                 job = entry[2]
                 if job.future.done():
                     continue
-                if job.drop_when_late and entry[0] < now:
+                if job.drop_when_late and job.deadline_s < now:
                     job.future.set_exception(
                         Unavailable("deadline passed while queued", reason="deadline")
                     )

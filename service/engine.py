@@ -8,6 +8,7 @@ here once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from service.metrics import Metrics
 from service.model import LoadedModel, VariantRuntime, load_model
 from service.scheduling import (
     Candidate,
+    backlog_ms,
     choose_variant,
     next_stream_column,
     predict_completion_ms,
@@ -87,6 +89,8 @@ class Engine:
         self.clock = clock
         self.model: LoadedModel | None = None
         self.drain_started_s: float | None = None
+        self.active_requests = 0
+        """Requests inside `classify` or `stream` now."""
         # Enough at once to fill a batch on every worker, to begin with.
         self.admission = ConcurrencyLimit(
             limit=float(settings.max_batch_size * settings.inference_workers),
@@ -103,6 +107,7 @@ class Engine:
             self._batch_done,
             inline_max_ms=settings.inline_run_max_ms,
             on_inline_run=self.loop_lag.excuse,
+            active_requests=lambda: self.active_requests,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -180,18 +185,20 @@ class Engine:
             self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
 
-    def _completion(self, request: Request, model: LoadedModel) -> Callable[[Candidate], float]:
-        return self._completion_for(int(request.images.shape[0]), request.deadline_s, model)
+    def _completion(
+        self, request: Request, model: LoadedModel, order_s: float | None = None
+    ) -> Callable[[Candidate], float]:
+        """Predicted completion of the request's next run, queued at `order_s` in EDF order
+        (by default its deadline)."""
+        order = request.deadline_s if order_s is None else order_s
+        return self._completion_for(int(request.images.shape[0]), order, model)
 
     def _completion_for(
-        self, n: int, deadline_s: float, model: LoadedModel
+        self, n: int, order_s: float, model: LoadedModel
     ) -> Callable[[Candidate], float]:
-        ahead = self.batcher.ahead_of(deadline_s)
+        ahead = self.batcher.ahead_of(order_s)
         running = self.batcher.running_remaining_ms()
-
-        def cost(key: str, size: int) -> float:
-            variant = model.variants.get(key)
-            return variant.predict_ms(size) if variant is not None else 0.0
+        cost = _cost_of(model)
 
         def completion(c: Candidate) -> float:
             return predict_completion_ms(
@@ -205,6 +212,14 @@ class Engine:
             )
 
         return completion
+
+    def _backlog_ms(self, model: LoadedModel) -> float:
+        return backlog_ms(
+            self.batcher.running_remaining_ms(),
+            self.batcher.ahead_of(math.inf),
+            _cost_of(model),
+            self.settings.inference_workers,
+        )
 
     def _remaining_ms(self, request: Request) -> float:
         if request.deadline_ms is None:
@@ -234,13 +249,32 @@ class Engine:
             self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("queue full", "queue_full", self.settings.retry_after_s)
 
-    async def _run(self, request: Request, variant: VariantRuntime, late_ok: bool) -> ColumnAnswer:
+    async def _run(
+        self,
+        request: Request,
+        variant: VariantRuntime,
+        late_ok: bool,
+        order_s: float | None = None,
+        first: bool = False,
+    ) -> ColumnAnswer:
+        """One run of `variant` for the request. For a request's `first` run, being
+        dropped as late while queued counts as shed."""
         job = Job(
-            variant, request.images, request.deadline_s, self.clock(), drop_when_late=not late_ok
+            variant,
+            request.images,
+            request.deadline_s,
+            self.clock(),
+            drop_when_late=not late_ok,
+            order_s=order_s,
         )
         if not self.batcher.run_now(job):
             self.batcher.submit(job)
-        result: JobResult = await job.future
+        try:
+            result: JobResult = await job.future
+        except Unavailable:
+            if first:
+                self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
+            raise
         return ColumnAnswer(
             variant,
             result.probabilities,
@@ -249,18 +283,15 @@ class Engine:
             (self.clock() - request.arrival_s) * 1000.0,
         )
 
-    async def _run_counted(
-        self, request: Request, variant: VariantRuntime, late_ok: bool
-    ) -> ColumnAnswer:
-        """`_run` for a request's first run: dropped as late while queued counts as shed."""
-        try:
-            return await self._run(request, variant, late_ok)
-        except Unavailable:
-            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
-            raise
-
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
+        self.active_requests += 1
+        try:
+            return await self._classify(request)
+        finally:
+            self.active_requests -= 1
+
+    async def _classify(self, request: Request) -> Answer:
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.min_confidence is not None and request.column is None:
@@ -278,7 +309,9 @@ class Engine:
                 raise self._shed(request, "no column can answer within the deadline")
             choice = min(candidates, key=lambda c: (c.column, c.precision != "fp32"))
         variant = model.variants[choice.key]
-        answer = await self._run_counted(request, variant, late_ok or request.deadline_ms is None)
+        answer = await self._run(
+            request, variant, late_ok or request.deadline_ms is None, first=True
+        )
         return self._finish(model, request, answer, [variant.column], "deepest")
 
     async def _cascade(self, request: Request, model: LoadedModel) -> Answer:
@@ -295,28 +328,45 @@ class Engine:
 
         Raises Unavailable before yielding anything when column 1 cannot answer in time.
         With a forced column (`X-Column`) the stream is that one answer, then `done`."""
+        self.active_requests += 1
+        try:
+            async with contextlib.aclosing(self._stream(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.active_requests -= 1
+
+    async def _stream(self, request: Request) -> AsyncGenerator[StreamEvent, None]:
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.column is not None:
-            answer = await self.classify(request)
+            answer = await self._classify(request)
             answer.reason = "forced"
             yield "prediction", answer.final
             yield "done", answer
             return
-        async for event in self._progressive(request, model):
+        async for event in self._progressive(request, model, urgent_first=True):
             yield event
 
     async def _progressive(
-        self, request: Request, model: LoadedModel
+        self, request: Request, model: LoadedModel, urgent_first: bool = False
     ) -> AsyncIterator[StreamEvent]:
+        """Column 1, then deeper columns while they fit. With `urgent_first` (a stream,
+        whose client sees the first answer) column 1 is queued by the request's arrival
+        instead of its deadline: ahead of the deeper runs of earlier streams, so a first
+        answer waits for at most the batch that is running."""
         columns = [model.fp32(k).candidate for k in range(1, model.columns + 1)]
         first = columns[0]
+        first_order = request.arrival_s if urgent_first else None
         remaining = self._remaining_ms(request)
-        if self._completion(request, model)(first) > remaining and not self.settings.best_effort:
+        completion = self._completion(request, model, first_order)
+        if completion(first) > remaining and not self.settings.best_effort:
             raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
-        answer = await self._run_counted(request, model.variants[first.key], late_ok)
-        run = [1]
+        answer = await self._run(
+            request, model.variants[first.key], late_ok, first_order, first=True
+        )
+        run, first_ms = [1], answer.elapsed_ms
         yield "prediction", answer
         reason = "deepest"
         while True:
@@ -327,6 +377,11 @@ class Engine:
                     self.metrics.child(self.metrics.cascade_exits, str(answer.variant.column)).inc()
                 break
             if answer.variant.column == model.columns:
+                break
+            if urgent_first and self._backlog_ms(model) > self.settings.stream_refine_backlog_ms:
+                # Refinement uses spare capacity only: under load, deeper runs would
+                # delay other streams' first answers and single answers.
+                reason = "load"
                 break
             nxt = next_stream_column(
                 columns,
@@ -344,12 +399,22 @@ class Engine:
                 break
             run.append(nxt.column)
             yield "prediction", answer
-        yield "done", self._finish(model, request, answer, run, reason)
+        yield "done", self._finish(model, request, answer, run, reason, first_ms)
 
     # -- accounting ---------------------------------------------------------------------
     def _finish(
-        self, model: LoadedModel, request: Request, final: ColumnAnswer, run: list[int], reason: str
+        self,
+        model: LoadedModel,
+        request: Request,
+        final: ColumnAnswer,
+        run: list[int],
+        reason: str,
+        first_ms: float | None = None,
     ) -> Answer:
+        """Count the answer; teach the concurrency limit how in time it was. A progressive
+        answer (`first_ms`: its first column's elapsed time) spends its budget on deeper
+        columns by design, so when it met its deadline its first answer is what tells how
+        congested the server is; a late one counts as late."""
         elapsed = (self.clock() - request.arrival_s) * 1000.0
         answer = Answer(model, final, request.deadline_ms, elapsed, run, reason)
         v = final.variant
@@ -361,7 +426,8 @@ class Engine:
             self.metrics.child(
                 self.metrics.deadline_outcomes, "met" if answer.deadline_met else "missed"
             ).inc()
-            seen = elapsed + self.loop_lag.allowance_ms  # about what the client sees
+            timed = first_ms if first_ms is not None and answer.deadline_met else elapsed
+            seen = timed + self.loop_lag.allowance_ms  # about what the client sees
             self.admission.outcome(seen, request.deadline_ms, self.clock())
         return answer
 
@@ -376,3 +442,14 @@ class Engine:
         col, prec = str(variant.column), variant.precision
         self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
         self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)
+
+
+def _cost_of(model: LoadedModel) -> Callable[[str, int], float]:
+    """Predicted ms of a run of `size` images of the variant `key` (0 for a variant the
+    model no longer has: work queued before a reload)."""
+
+    def cost(key: str, size: int) -> float:
+        variant = model.variants.get(key)
+        return variant.predict_ms(size) if variant is not None else 0.0
+
+    return cost

@@ -147,24 +147,45 @@ def plan_batch(
 
 
 def run_on_loop(
-    images: int, predicted_ms: float, waiting_images: int, running_batches: int, limit_ms: float
+    images: int,
+    predicted_ms: float,
+    waiting_images: int,
+    running_batches: int,
+    limit_ms: float,
+    active_requests: int = 1,
 ) -> bool:
     """Whether a batch runs on the event loop itself rather than on the inference thread.
 
     Handing a run to a thread and back costs two thread switches, and the run itself goes
     slower on a thread whose caches went cold while it slept (measured on 2 CPUs: about
     0.2 ms for column 1 and 1 ms for column 4 at batch 1; docs/serving.md). That matters
-    only when the server is idle otherwise: nothing else queued or running, and a run short
-    enough (`limit_ms`) that a request arriving meanwhile waits no longer than it would
-    for the busy worker. Under load the thread runs the batches while the loop parses.
+    only when the server is idle otherwise: nothing else queued or running, no other
+    request being served (`active_requests` counts this one), and a run short enough
+    (`limit_ms`) that a request arriving meanwhile waits no longer than it would for the
+    busy worker. Under load the thread runs the batches while the loop parses, on
+    another core.
     """
     return (
         limit_ms > 0
         and images > 0
+        and active_requests <= 1
         and waiting_images == 0
         and running_batches == 0
         and predicted_ms <= limit_ms
     )
+
+
+def backlog_ms(
+    running_ms: float,
+    waiting: Sequence[Waiting],
+    cost_ms: Callable[[str, int], float],
+    workers: int,
+) -> float:
+    """Predicted ms before the inference workers are free: the running batch's remainder
+    and every queued image at its batch-1 cost, spread over the workers (an upper bound,
+    since queued work batches)."""
+    queued = sum(cost_ms(w.key, 1) * w.images for w in waiting)
+    return running_ms + queued / max(workers, 1)
 
 
 def pick_queue(heads: Mapping[K, float]) -> K | None:

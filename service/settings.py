@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     instead of the inference thread (saves the hand-off; 0: always the thread)."""
     queue_limit_images: int = Field(default=512, ge=1)
     """Images that may wait across all variants before new work is refused (503)."""
+    stream_refine_backlog_ms: float = Field(default=1.0, ge=0)
+    """A stream goes deeper after an answer only while the inference backlog (running and
+    queued work) is at most this many ms: refinement uses spare capacity, so that under load
+    first answers and single answers are not delayed by other streams' deeper runs."""
     default_deadline_ms: float | None = Field(default=None, gt=0)
     """Deadline for requests without X-Deadline-Ms; None: no deadline (deepest column)."""
     best_effort: bool = False

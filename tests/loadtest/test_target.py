@@ -54,6 +54,10 @@ def test_verdict_each_target() -> None:
     assert all(v["met"] for v in good.values())
     assert good["accuracy"]["best_single_column"] == 1 and good["accuracy"]["bound"] == 0.6
     assert good["stream_first_answer_p99_ms"]["bound"] == 6.0
+    # Within one standard error of the bound is a tie (no answers counted here: none).
+    columns[1]["accuracy_checked"] = 2500  # standard error 0.0098
+    tie = verdict(summary(0.997, 0.595), summary(0.99, 0.7, first=5.5), columns, SPEC)
+    assert tie["accuracy"]["met"] and tie["accuracy"]["standard_error"] == pytest.approx(0.0098)
     bad = verdict(summary(0.99, 0.55), summary(0.99, 0.7, first=6.5), columns, SPEC)
     assert not any(v["met"] for v in bad.values())
     # At a hit rate no single column reaches, there is no accuracy to fall short of.
@@ -85,4 +89,6 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for run in report["runs"].values():
         counts = run["counts"]
         assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
+    steps = {"calibrate-column1", "calibrate-column2", "saturate", "auto", "stream"}
+    assert {p.stem for p in (out / "runs").iterdir()} == steps | {"column1", "column2"}
     assert set(report["verdict"]) == {"hit_rate", "accuracy", "stream_first_answer_p99_ms"}

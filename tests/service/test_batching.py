@@ -221,3 +221,27 @@ async def test_worker_runs_a_lone_batch_on_the_loop_and_a_busy_one_on_its_thread
     await b.stop()
     assert v.runs[1:] == [("a", 2), ("a", 1)]
     assert v.threads[1] != threading.get_ident() and v.threads[2] == threading.get_ident()
+
+
+async def test_order_key_places_a_job_but_its_deadline_drops_it() -> None:
+    """A stream's first answer is ordered by its arrival, ahead of deeper work with an
+    earlier deadline; lateness is still judged by its own deadline."""
+    clock = FakeClock()
+    log: list[tuple[str, int]] = []
+    b = Batcher(clock, max_batch=1, max_wait_ms=0)
+    deep, first = FakeVariant("deep", log=log), FakeVariant("first", log=log)
+    b.submit(job(deep, 1, deadline=0.5, clock=clock))
+    urgent = job(first, 2, deadline=0.9, clock=clock)
+    urgent = Job(urgent.variant, urgent.images, 0.9, clock(), drop_when_late=True, order_s=0.0)
+    b.submit(urgent)
+    assert [w.key for w in b.ahead_of(0.0)] == ["first"]
+    late = Job(first, np.zeros((1, 2, 2, 3), np.uint8), 0.2, 0.0, drop_when_late=True, order_s=0.0)
+    f_late = b.submit(late)
+    clock.now = 0.3  # past the late job's deadline, not past the others'
+    b.start()
+    await asyncio.gather(urgent.future, return_exceptions=True)
+    with pytest.raises(Unavailable):
+        await f_late
+    await asyncio.sleep(0.01)
+    await b.stop()
+    assert log[0] == ("first", 1) and ("deep", 1) in log

@@ -9,6 +9,7 @@ from service.scheduling import (
     Dispatch,
     Queued,
     Waiting,
+    backlog_ms,
     choose_variant,
     next_stream_column,
     pick_queue,
@@ -140,3 +141,16 @@ def test_run_on_loop_only_when_idle_and_short() -> None:
     assert not run_on_loop(1, 1.0, 0, 1, 3.0)  # a batch runs on the thread
     assert not run_on_loop(1, 0.1, 0, 0, 0.0)  # switched off
     assert not run_on_loop(0, 0.1, 0, 0, 3.0)
+    assert not run_on_loop(1, 1.0, 0, 0, 3.0, active_requests=2)  # another being served
+
+
+def test_backlog_is_the_running_rest_and_queued_work_per_worker() -> None:
+    waiting = [Waiting("column_1", 4), Waiting("column_4", 2)]
+    cost = {"column_1": 0.5, "column_4": 3.0}
+
+    def cost_ms(key: str, n: int) -> float:
+        return cost[key] * n
+
+    assert backlog_ms(1.5, waiting, cost_ms, workers=1) == 1.5 + 4 * 0.5 + 2 * 3.0
+    assert backlog_ms(0.0, waiting, cost_ms, workers=2) == 4.0
+    assert backlog_ms(0.0, [], cost_ms, workers=1) == 0.0
