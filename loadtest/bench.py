@@ -210,6 +210,8 @@ def saturated(
     srv: Server, image_path: Path, script: Path, column: int, seconds: int, connections: int
 ) -> dict[str, float]:
     cpu0, runs0 = srv.cpu_seconds(), srv.metric_sum("fractal_inference_duration_seconds_sum")
+    batches0 = srv.metric_sum("fractal_batch_size_count")
+    images0 = srv.metric_sum("fractal_batch_size_sum")
     res = wrk(
         srv.url,
         "/v1/classify",
@@ -221,8 +223,9 @@ def saturated(
     cpu = srv.cpu_seconds() - cpu0
     inference = srv.metric_sum("fractal_inference_duration_seconds_sum") - runs0
     n = max(res["requests"], 1.0)
-    batches = srv.metric_sum("fractal_batch_size_count")
-    images = srv.metric_sum("fractal_batch_size_sum")
+    # The counters are cumulative since start-up: this run's share is the difference.
+    batches = srv.metric_sum("fractal_batch_size_count") - batches0
+    images = srv.metric_sum("fractal_batch_size_sum") - images0
     return {
         **res,
         "server_cpu_ms_per_request": 1000 * cpu / n,
