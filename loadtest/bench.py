@@ -196,13 +196,16 @@ def wrk(
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", text).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     total = re.search(r"(\d+) requests in", text)
-    quantiles = dict(re.findall(r"^\s+(50|99)%\s+([0-9.]+(?:us|ms|s))$", text, re.M))
+    quantiles = dict(re.findall(r"^\s+(50|99)%\s+([0-9.]+(?:us|ms|s))\s*$", text, re.M))
+    if len(quantiles) < 2:
+        print(f"wrk output without its latency quantiles:\n{text}", file=sys.stderr)
     return {
         "requests_per_s": rate,
         "requests": float(total.group(1)) if total else 0.0,
         "non_2xx": float(errors.group(1)) if errors else 0.0,
-        "p50_ms": _ms(quantiles["50"]),
-        "p99_ms": _ms(quantiles["99"]),
+        # wrk leaves out a quantile it has no sample for (e.g. every request timed out).
+        "p50_ms": _ms(quantiles["50"]) if "50" in quantiles else float("nan"),
+        "p99_ms": _ms(quantiles["99"]) if "99" in quantiles else float("nan"),
     }
 
 
