@@ -77,7 +77,7 @@ class Batcher:
         on_batch: Callable[[Runnable, int, float], None] | None = None,
         inline_max_ms: float = 0.0,
         on_inline_run: Callable[[float], None] | None = None,
-        active_requests: Callable[[], int] = lambda: 1,
+        load: Callable[[], tuple[int, float]] = lambda: (1, 0.0),
     ) -> None:
         self.clock = clock
         self.max_batch = max_batch
@@ -94,7 +94,8 @@ class Batcher:
         self._on_batch = on_batch or (lambda v, n, ms: None)
         self.inline_max_ms = inline_max_ms
         self._on_inline_run = on_inline_run or (lambda ms: None)
-        self._active_requests = active_requests
+        self._load = load
+        """(requests in the server, event-loop lag in ms) for `run_on_loop`."""
         self.running_batches = 0
 
     # -- submission and snapshots -------------------------------------------------------
@@ -157,7 +158,7 @@ class Batcher:
         if self.max_wait_ms > 0 or not self.idle() or n > self.max_batch:
             return False
         predicted_ms = job.variant.predict_ms(n)
-        if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms, self._active_requests()):
+        if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms, *self._load()):
             return False
         start = self.clock()
         try:
@@ -190,7 +191,7 @@ class Batcher:
                 self.queued_images,
                 self.running_batches,
                 self.inline_max_ms,
-                self._active_requests(),
+                *self._load(),
             )
             start = self.clock()
             self._running_until[index] = start + predicted_ms / 1000.0

@@ -8,7 +8,6 @@ here once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -90,7 +89,7 @@ class Engine:
         self.model: LoadedModel | None = None
         self.drain_started_s: float | None = None
         self.active_requests = 0
-        """Requests inside `classify` or `stream` now."""
+        """HTTP requests in the server now (counted by `EarlyShedding`)."""
         # Enough at once to fill a batch on every worker, to begin with.
         self.admission = ConcurrencyLimit(
             limit=float(settings.max_batch_size * settings.inference_workers),
@@ -107,7 +106,7 @@ class Engine:
             self._batch_done,
             inline_max_ms=settings.inline_run_max_ms,
             on_inline_run=self.loop_lag.excuse,
-            active_requests=lambda: self.active_requests,
+            load=lambda: (self.active_requests, self.loop_lag.lag_ms),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -285,13 +284,6 @@ class Engine:
 
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
-        self.active_requests += 1
-        try:
-            return await self._classify(request)
-        finally:
-            self.active_requests -= 1
-
-    async def _classify(self, request: Request) -> Answer:
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.min_confidence is not None and request.column is None:
@@ -328,19 +320,10 @@ class Engine:
 
         Raises Unavailable before yielding anything when column 1 cannot answer in time.
         With a forced column (`X-Column`) the stream is that one answer, then `done`."""
-        self.active_requests += 1
-        try:
-            async with contextlib.aclosing(self._stream(request)) as events:
-                async for event in events:
-                    yield event
-        finally:
-            self.active_requests -= 1
-
-    async def _stream(self, request: Request) -> AsyncGenerator[StreamEvent, None]:
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.column is not None:
-            answer = await self._classify(request)
+            answer = await self.classify(request)
             answer.reason = "forced"
             yield "prediction", answer.final
             yield "done", answer
@@ -378,7 +361,11 @@ class Engine:
                 break
             if answer.variant.column == model.columns:
                 break
-            if urgent_first and self._backlog_ms(model) > self.settings.stream_refine_backlog_ms:
+            if (
+                urgent_first
+                and request.deadline_ms is not None
+                and self._backlog_ms(model) > self.settings.stream_refine_backlog_ms
+            ):
                 # Refinement uses spare capacity only: under load, deeper runs would
                 # delay other streams' first answers and single answers.
                 reason = "load"

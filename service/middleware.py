@@ -145,6 +145,18 @@ class EarlyShedding:
         self.default_deadline_ms = default_deadline_ms
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Every HTTP request counts, refused ones too: an inference run may take the event
+        # loop only when no other request is in the server (`run_on_loop`).
+        self.engine.active_requests += 1
+        try:
+            await self._admit(scope, receive, send)
+        finally:
+            self.engine.active_requests -= 1
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         deadline = self._deadline(scope)
         if deadline is None:
             await self.app(scope, receive, send)

@@ -146,6 +146,10 @@ def plan_batch(
     return Dispatch(count, wait_until_s=wait_until)
 
 
+INLINE_MAX_LAG_MS = 0.5
+"""Event-loop lag (smoothed, inline runs excused) above which runs stay on the thread."""
+
+
 def run_on_loop(
     images: int,
     predicted_ms: float,
@@ -153,6 +157,7 @@ def run_on_loop(
     running_batches: int,
     limit_ms: float,
     active_requests: int = 1,
+    loop_lag_ms: float = 0.0,
 ) -> bool:
     """Whether a batch runs on the event loop itself rather than on the inference thread.
 
@@ -163,12 +168,15 @@ def run_on_loop(
     request being served (`active_requests` counts this one), and a run short enough
     (`limit_ms`) that a request arriving meanwhile waits no longer than it would for the
     busy worker. Under load the thread runs the batches while the loop parses, on
-    another core.
+    another core. A loop that runs late (`loop_lag_ms` over `INLINE_MAX_LAG_MS`) has
+    connections waiting to be read or refused: an overloaded server that spent its loop
+    on inference stopped refusing in time (tested in tests/reliability/test_overload.py).
     """
     return (
         limit_ms > 0
         and images > 0
         and active_requests <= 1
+        and loop_lag_ms <= INLINE_MAX_LAG_MS
         and waiting_images == 0
         and running_batches == 0
         and predicted_ms <= limit_ms
