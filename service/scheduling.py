@@ -146,7 +146,7 @@ def plan_batch(
     return Dispatch(count, wait_until_s=wait_until)
 
 
-INLINE_MAX_LAG_MS = 0.5
+INLINE_MAX_LAG_MS = 2.0
 """Event-loop lag (smoothed, inline runs excused) above which runs stay on the thread."""
 
 
