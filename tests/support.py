@@ -198,13 +198,18 @@ def serve_process(bundle: Path, log_path: Path, **env: str) -> Iterator[ProcessS
             time.sleep(0.1)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_process(process, wait_s=60)
+
+
+def stop_process(process: subprocess.Popen[bytes], wait_s: float) -> None:
+    """SIGTERM a still-running process, wait up to `wait_s`, then kill it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 # -- bounded client traffic ------------------------------------------------------------------

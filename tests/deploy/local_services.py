@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import httpx
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 T = TypeVar("T")
 
@@ -73,13 +73,7 @@ def running(command: Sequence[str], log: Path) -> Iterator[subprocess.Popen[byte
         try:
             yield process
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_process(process, wait_s=30)
 
 
 @contextmanager
