@@ -33,11 +33,16 @@ from model.recalibrate import recalibrate_batchnorm
 log = logging.getLogger("model.train")
 
 
-def lr_at(epoch: int, total_epochs: int, base_lr: float) -> float:
-    """The paper's schedule: divide by 10 each time the remaining epochs halve."""
+def lr_at(epoch: int, total_epochs: int, base_lr: float, schedule_start: int = 0) -> float:
+    """The paper's schedule: divide by 10 each time the remaining epochs halve.
+
+    `schedule_start` restarts the schedule at that epoch (a warm restart, as in SGDR): the
+    epochs from it to `total_epochs` follow the schedule of a run that long.
+    """
+    span = max(total_epochs - schedule_start, 1)
     remaining = max(total_epochs - epoch, 1)
-    halvings = math.floor(math.log2(total_epochs / remaining) + 1e-9)
-    return base_lr / 10**halvings
+    halvings = math.floor(math.log2(span / remaining) + 1e-9)
+    return base_lr / 10 ** max(halvings, 0)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--out", type=Path, default=Path("runs/train"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--restart-schedule",
+        action="store_true",
+        help="with --resume: restart the learning-rate steps at the resumed epoch (a warm "
+        "restart: the remaining epochs follow the schedule of a run that long)",
+    )
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this long")
     p.add_argument("--no-progress", action="store_true")
 
@@ -238,16 +249,25 @@ def train(args: argparse.Namespace) -> Path:
         net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
     start_epoch = 0
+    schedule_start = 0
     aug_gen = torch.Generator().manual_seed(args.seed * 1000 + d.rank)
     if resume is not None:
         net.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start_epoch = int(resume["epoch"])
+        schedule_start = start_epoch if args.restart_schedule else resume.get("schedule_start", 0)
         net.drop_rng.setstate(resume["drop_rng"])
         aug_gen.set_state(resume["aug_rng"][d.rank % len(resume["aug_rng"])])
         if "torch_rng" in resume:  # absent from checkpoints written before it was saved
             _set_torch_rng_state(resume["torch_rng"][d.rank % len(resume["torch_rng"])], device)
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+        log.info(
+            "resumed from %s at epoch %d (schedule from epoch %d)",
+            ckpt_path,
+            start_epoch,
+            schedule_start,
+        )
+    elif args.restart_schedule:
+        raise ValueError("--restart-schedule needs --resume and a checkpoint in --out")
     model: nn.Module = net
     if args.compile:
         model = torch.compile(model)  # type: ignore[assignment]
@@ -275,7 +295,7 @@ def train(args: argparse.Namespace) -> Path:
     started = time.monotonic()
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
-        lr = lr_at(epoch, args.epochs, args.lr)
+        lr = lr_at(epoch, args.epochs, args.lr, schedule_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Same permutation on every rank; each takes its own stride of it.
@@ -334,6 +354,7 @@ def train(args: argparse.Namespace) -> Path:
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1,
+                    "schedule_start": schedule_start,
                     "drop_rng": net.drop_rng.getstate(),
                     "aug_rng": aug_states,
                     "torch_rng": torch_states,

@@ -1,7 +1,8 @@
-"""Training: the schedule, a loss that falls, checkpoints, and an exact resume."""
+"""Training: the schedule and its warm restart, a falling loss, checkpoints, exact resume."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -41,6 +42,36 @@ def test_lr_schedule_of_the_paper() -> None:
         [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.001]
     )
     assert lr_at(0, 1, 0.5) == 0.5
+
+
+def test_lr_schedule_restarts_at_a_resumed_epoch() -> None:
+    """A warm restart at epoch 20 of a 34-epoch run: epochs 20-33 follow a 14-epoch run."""
+    restarted = [lr_at(e, 34, 1.0, schedule_start=20) for e in range(20, 34)]
+    assert restarted == pytest.approx([lr_at(e, 14, 1.0) for e in range(14)])
+    assert restarted[0] == 1.0
+
+
+def test_restart_schedule_resumes_at_full_rate_and_keeps_it(tmp_path: Path) -> None:
+    """`--restart-schedule` puts a finished run back at the base rate; the restart point is
+    saved, so a further plain `--resume` stays on the restarted schedule."""
+    out = tmp_path / "run"
+    common = [*SYNTHETIC, "--eval-every", "9", "--out", str(out)]
+    train(parse_args([*common, "--epochs", "1"]))
+    train(parse_args([*common, "--epochs", "3", "--resume", "--restart-schedule"]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([0.02, 0.02, 0.002])
+    assert load_checkpoint(out / "checkpoint.pt")["schedule_start"] == 1
+    train(parse_args([*common, "--epochs", "5", "--resume"]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # A longer run keeps the restart point: its steps span epochs 1-5.
+    assert [r["lr"] for r in records[3:]] == pytest.approx(
+        [lr_at(e, 5, 0.02, schedule_start=1) for e in (3, 4)]
+    )
+
+
+def test_restart_schedule_needs_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--restart-schedule"):
+        train(parse_args([*SYNTHETIC, "--restart-schedule", "--out", str(tmp_path / "none")]))
 
 
 def test_build_config_from_cli() -> None:
