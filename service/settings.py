@@ -32,9 +32,10 @@ class Settings(BaseSettings):
     """Most images in one onnxruntime run."""
     max_batch_wait_ms: float = Field(default=0.0, ge=0)
     """Longest a batch waits for company (never past its most urgent member's slack)."""
-    inline_run_max_ms: float = Field(default=3.0, ge=0)
-    """An idle server runs a batch predicted to take at most this long on the event loop
-    instead of the inference thread (saves the hand-off; 0: always the thread)."""
+    inline_run_max_ms: float = Field(default=0.0, ge=0)
+    """Opt-in: an idle server runs a batch predicted to take at most this long on the event
+    loop instead of the inference thread (saves the hand-off at low load). 0, the default:
+    onnxruntime always runs off the event loop."""
     queue_limit_images: int = Field(default=512, ge=1)
     """Images that may wait across all variants before new work is refused (503)."""
     stream_refine_backlog_ms: float = Field(default=1.0, ge=0)

@@ -11,6 +11,7 @@ import pytest
 
 from service.batching import Batcher, Job
 from service.errors import Unavailable
+from service.settings import Settings
 
 
 class FakeClock:
@@ -195,6 +196,21 @@ async def test_run_now_declines_when_busy_long_or_batches_wait() -> None:
     assert not Batcher(clock, 32, 0).run_now(job(v, 1, 1.0, clock))  # switched off
     assert v.runs == [] and slow.runs == []
     await b.stop()
+
+
+async def test_by_default_onnxruntime_runs_off_the_event_loop() -> None:
+    """Inline runs are opt-in: with the default settings even a lone request on an idle
+    server is run by the inference thread."""
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0, inline_max_ms=Settings().inline_run_max_ms)
+    v = FakeVariant("a")
+    lone = job(v, 1, 1.0, clock)
+    assert not b.run_now(lone)
+    b.submit(lone)
+    b.start()
+    await lone.future
+    await b.stop()
+    assert v.threads and v.threads[0] != threading.get_ident()
 
 
 async def test_run_now_failure_reaches_the_request() -> None:
