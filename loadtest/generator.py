@@ -133,6 +133,17 @@ def _deadline(arrival: Arrival) -> float | None:
     return None if math.isnan(arrival.deadline_ms) else arrival.deadline_ms
 
 
+def budget_at_send(deadline_ms: float | None, scheduled_s: float, send_s: float) -> float | None:
+    """The `X-Deadline-Ms` a request carries: its deadline less what the generator already
+    spent since the scheduled time (its send lag), as a client that propagates deadlines
+    sends them (gRPC sends the time left, not the original timeout). The server counts the
+    budget from arrival, so the full deadline would promise it time that is gone. At least
+    1 us: a request that is already late is still sent, and answered or shed."""
+    if deadline_ms is None:
+        return None
+    return max(deadline_ms - (send_s - scheduled_s) * 1000.0, 0.001)
+
+
 def _ms(seconds: float) -> float:
     """Milliseconds, to the microsecond (the clock is no finer in practice)."""
     return round(seconds * 1000.0, 3)
@@ -173,7 +184,7 @@ async def _send(
                 return _finish(result, answer, now())
             headers = classify_headers(
                 sample.content_type,
-                result.deadline_ms,
+                budget_at_send(result.deadline_ms, result.scheduled_s, result.send_s),
                 target.column,
                 target.stream,
                 request_id=f"loadtest-{result.index}",

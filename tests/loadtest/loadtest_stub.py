@@ -38,6 +38,8 @@ class StubServer:
         self.port = 0
         self.arrivals: dict[str, float] = {}
         """time.monotonic() of each classify request's arrival, by X-Request-ID."""
+        self.budgets: dict[str, float] = {}
+        """The X-Deadline-Ms each classify request carried, by X-Request-ID."""
         self.in_flight = 0
         self.max_in_flight = 0
         self._loop = asyncio.new_event_loop()
@@ -134,8 +136,11 @@ class StubServer:
             return await self._reply(writer, 200, self._models())
         if method != "POST" or path != "/v1/classify":
             return await self._reply(writer, 404, {"error": "not found"})
-        self.arrivals[headers.get("x-request-id", str(len(self.arrivals)))] = time.monotonic()
+        request_id = headers.get("x-request-id", str(len(self.arrivals)))
+        self.arrivals[request_id] = time.monotonic()
         deadline = float(headers["x-deadline-ms"]) if "x-deadline-ms" in headers else None
+        if deadline is not None:
+            self.budgets[request_id] = deadline
         forced = int(headers["x-column"]) if "x-column" in headers else None
         column = self._choose(deadline, forced)
         if column is None:

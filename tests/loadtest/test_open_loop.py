@@ -98,9 +98,15 @@ def test_deadlines_shedding_and_correctness() -> None:
     by_deadline = {r.index: plan.arrivals[r.index].deadline_ms for r in results}
     for r in results:
         assert r.deadline_ms == by_deadline[r.index]
-        if r.deadline_ms < 2.0:
+        # The header carries what is left of the deadline when the request leaves.
+        budget = stub.budgets[f"loadtest-{r.index}"]
+        assert r.send_s is not None and budget == pytest.approx(
+            max(r.deadline_ms - (r.send_s - r.scheduled_s) * 1000.0, 0.001), abs=2e-3
+        )
+        assert budget <= r.deadline_ms
+        if budget < 2.0:
             assert r.shed and r.error == "shed:deadline" and not r.deadline_met
-        elif r.deadline_ms < 30.0:
+        elif budget < 30.0:
             assert r.column == 1 and r.predicted == WRONG and r.correct is (r.label == WRONG)
         else:
             assert r.column == 2 and r.correct is True
