@@ -46,12 +46,23 @@ class ConcurrencyLimit:
         return self.in_flight >= int(self.limit)
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admitted(self) -> Iterator[Callable[[], None]]:
+        """Counts one request in while the block runs. It yields a function that lets the
+        slot go earlier (at most once): a stream whose first answer is out runs its deeper
+        columns on spare capacity only, so it should not hold a slot until its deadline."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
         self.in_flight += 1
         try:
-            yield
+            yield release
         finally:
-            self.in_flight -= 1
+            release()
 
     def outcome(self, seen_ms: float, deadline_ms: float, now_s: float) -> None:
         if seen_ms > self.late * deadline_ms:

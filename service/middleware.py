@@ -168,7 +168,8 @@ class EarlyShedding:
             scope["state"].update(outcome=exc.reason, endpoint=CLASSIFY)
             await error_response(exc)(scope, receive, send)
             return
-        with self.engine.admission.admitted():
+        with self.engine.admission.admitted() as release:
+            scope["state"]["release_admission"] = release
             await self.app(scope, receive, send)
 
     def _deadline(self, scope: Scope) -> float | None:

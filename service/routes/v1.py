@@ -119,6 +119,11 @@ async def _stream(request: Request, engine: Engine, req: EngineRequest) -> Respo
     except ServiceError as exc:
         request.state.outcome = getattr(exc, "reason", "error")
         raise
+    # Column 1 is answered; deeper columns use spare capacity only: the stream gives its
+    # admission slot back instead of holding it until its deadline.
+    release = getattr(request.state, "release_admission", None)
+    if release is not None:
+        release()
 
     async def body() -> AsyncIterator[bytes]:
         event: StreamEvent | None = first

@@ -51,6 +51,20 @@ def test_admitted_counts_in_flight() -> None:
     assert c.in_flight == 0 and not c.full
 
 
+def test_an_admitted_request_can_let_its_slot_go_early() -> None:
+    """A stream releases its slot once its first answer is out; the release counts once,
+    however often it is called, and leaving the block does not count it again."""
+    c = ConcurrencyLimit(limit=1.0, ceiling=10.0)
+    with c.admitted() as release:
+        assert c.full
+        release()
+        release()
+        assert c.in_flight == 0 and not c.full
+        with c.admitted():
+            assert c.in_flight == 1
+    assert c.in_flight == 0
+
+
 def test_loop_lag_sees_a_blocked_loop() -> None:
     async def main() -> tuple[float, float]:
         lag = LoopLag(period_s=0.01, smoothing=1.0)
