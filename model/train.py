@@ -221,6 +221,8 @@ def train(args: argparse.Namespace) -> Path:
     out: Path = args.out
     ckpt_path = out / "checkpoint.pt"
     resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+    if args.restart_schedule and resume is None:
+        raise ValueError("--restart-schedule needs --resume and a checkpoint in --out")
 
     image_size = args.image_size or (16 if args.dataset == "digits" else 32)
     args.image_size = image_size
@@ -266,8 +268,6 @@ def train(args: argparse.Namespace) -> Path:
             start_epoch,
             schedule_start,
         )
-    elif args.restart_schedule:
-        raise ValueError("--restart-schedule needs --resume and a checkpoint in --out")
     model: nn.Module = net
     if args.compile:
         model = torch.compile(model)  # type: ignore[assignment]

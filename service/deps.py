@@ -90,7 +90,4 @@ async def admit_inference(request: Request) -> tuple[Engine, Settings]:
     those three cost about 0.09 ms a request (measured in-process), some 8% of a column-1
     request's server CPU."""
     await inference_access(request)
-    state = request.app.state
-    engine: Engine = state.engine
-    settings: Settings = state.settings
-    return engine, settings
+    return await get_engine(request), await get_settings(request)

@@ -175,7 +175,7 @@ class EarlyShedding:
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a
         bad header, which the route explains)."""
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CLASSIFY:
+        if scope["method"] != "POST" or scope["path"] != CLASSIFY:
             return None
         header = next((v for k, v in scope["headers"] if k == b"x-deadline-ms"), None)
         try:
