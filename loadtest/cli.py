@@ -19,9 +19,10 @@ import httpx
 
 from loadtest.ceiling import format_ceiling, run_ceiling
 from loadtest.deadlines import parse_deadline
-from loadtest.generator import Target, build_plan, run_load
+from loadtest.generator import Target, build_plan
 from loadtest.report import format_table, summarize, write_csv, write_json
 from loadtest.samples import Sample, load_samples
+from loadtest.stalls import run_probed
 from loadtest.sweep import format_sweep, parse_grid, run_sweep
 from loadtest.target import TargetRun, format_target, run_target
 from service.protocol import LIVE_PATH, MODELS_PATH, column_count, model_classes
@@ -173,8 +174,8 @@ def _warn_on_labels(samples: list[Sample], models: dict[str, Any]) -> None:
 def single(args: argparse.Namespace, samples: list[Sample]) -> int:
     plan = build_plan(args.rate, args.duration, args.deadline_dist, len(samples), args.seed)
     log.info("%d requests scheduled over %g s", len(plan.arrivals), args.duration)
-    results = run_load(_target(args), plan, samples, args.concurrency, args.workers)
-    summary = summarize(results, args.rate, args.duration)
+    results, stalls = run_probed(_target(args), plan, samples, args.concurrency, args.workers)
+    summary = summarize(results, args.rate, args.duration, stalls)
     print(format_table(summary))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -307,16 +307,21 @@ def run_load(
     samples: Sequence[Sample],
     concurrency: int,
     workers: int = 1,
+    on_start: Callable[[float], None] | None = None,
 ) -> list[Result]:
-    """Run `plan` against `target`; one Result per arrival, in schedule order."""
+    """Run `plan` against `target`; one Result per arrival, in schedule order.
+    `on_start` is told the time.monotonic() instant the schedule counts from."""
     shares = [[plan.arrivals[i] for i in idx] for idx in deal(len(plan.arrivals), workers)]
     bounds = split_bound(concurrency, workers)
     if workers == 1:
-        results = asyncio.run(
-            run_share(
-                target, shares[0], samples, bounds[0], lambda: time.monotonic() + START_DELAY_S
-            )
-        )
+
+        def start() -> float:
+            origin = time.monotonic() + START_DELAY_S
+            if on_start is not None:
+                on_start(origin)
+            return origin
+
+        results = asyncio.run(run_share(target, shares[0], samples, bounds[0], start))
         return sorted(results, key=lambda r: r.index)
 
     # spawn, not fork: the parent may hold threads (a test's stub server, an event loop).
@@ -338,6 +343,8 @@ def run_load(
             ready.get(timeout=READY_TIMEOUT_S)
         start_wall.value = time.time() + START_DELAY_S
         go.set()
+        if on_start is not None:
+            on_start(time.monotonic() + (start_wall.value - time.time()))
         limit = START_DELAY_S + plan.duration_s + target.timeout_s + READY_TIMEOUT_S
         merged: list[Result] = []
         for _ in procs:

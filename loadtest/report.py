@@ -9,7 +9,9 @@ Definitions (every rate over ALL scheduled requests unless it says otherwise):
 - latency percentiles: completed requests, from the scheduled time to the answer;
 - accuracy: correct answers / completed answers that could be checked against a label;
 - correct in time: correct answers within the deadline / scheduled (what an anytime
-  service is for: a right answer, in time, for every request).
+  service is for: a right answer, in time, for every request);
+- stalls: the machine's stalls seen by an idle probe process during the run, and the
+  misses that overlapped one (loadtest.stalls).
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ def _accuracy(results: Iterable[Result]) -> tuple[int, float | None]:
 
 
 def summarize(
-    results: Sequence[Result], offered_rate_rps: float, duration_s: float
+    results: Sequence[Result],
+    offered_rate_rps: float,
+    duration_s: float,
+    stalls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The summary of one run (see the module docstring for each definition)."""
+    """The summary of one run (see the module docstring for each definition); `stalls`,
+    the machine's stalls during it (loadtest.stalls), is kept as it is."""
     scheduled = len(results)
     dropped = sum(r.dropped for r in results)
     sent = scheduled - dropped
@@ -102,6 +108,7 @@ def summarize(
             "max": round(max(lags), 3) if lags else None,
         },
         "error_kinds": dict(Counter(r.error for r in results if r.error and not r.shed)),
+        "stalls": stalls,
     }
 
 
@@ -177,6 +184,20 @@ def format_table(summary: dict[str, Any]) -> str:
     rows.append(
         ("send lag p50 / p99 / max (ms)", " / ".join(_fmt(lag[k]) for k in ("p50", "p99", "max")))
     )
+    stalls = summary.get("stalls")
+    if stalls:
+        rows.append(
+            (
+                f"machine stalls >= {_fmt(stalls['threshold_ms'])} ms: count, longest (ms)",
+                f"{stalls['count']}, {_fmt(stalls['longest_ms'])}",
+            )
+        )
+        rows.append(
+            (
+                "  misses during or just after one",
+                f"{stalls['misses_near_stalls']} of {stalls['misses']}",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {_fmt(value)}" for name, value in rows)
 

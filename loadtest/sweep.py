@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.deadlines import Fixed
-from loadtest.generator import Target, build_plan, run_load
+from loadtest.generator import Target, build_plan
 from loadtest.report import summarize, write_csv
 from loadtest.samples import Sample
+from loadtest.stalls import run_probed
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ def run_sweep(
     for mode, column in modes(columns):
         for deadline in deadlines_ms:
             plan = build_plan(rate_rps, duration_s, Fixed(deadline), len(samples), seed)
-            results = run_load(replace(target, column=column), plan, samples, concurrency, workers)
-            summary = summarize(results, rate_rps, duration_s)
+            results, stalls = run_probed(
+                replace(target, column=column), plan, samples, concurrency, workers
+            )
+            summary = summarize(results, rate_rps, duration_s, stalls)
             points.append(point(mode, column, deadline, summary))
             log.info(
                 "%s, deadline %g ms: accuracy %s, hit rate %s",

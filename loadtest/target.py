@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.deadlines import Deadline, NoDeadline, Uniform
-from loadtest.generator import Target, build_plan, run_load
+from loadtest.generator import Target, build_plan
 from loadtest.report import summarize, write_csv
 from loadtest.samples import Sample
+from loadtest.stalls import run_probed
 from loadtest.sweep import SETTLE_S
 
 log = logging.getLogger(__name__)
@@ -134,12 +135,12 @@ class TargetRun:
     ) -> dict[str, Any]:
         plan = build_plan(rate_rps, self.duration_s, deadline, len(self.samples), self.seed)
         target = replace(self.target, **changes)
-        results = run_load(target, plan, self.samples, self.concurrency, self.workers)
+        results, stalls = run_probed(target, plan, self.samples, self.concurrency, self.workers)
         if self.out is not None:
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
             write_csv(self.out / "runs" / f"{name}.csv", results)
         time.sleep(SETTLE_S)
-        return summarize(results, rate_rps, self.duration_s)
+        return summarize(results, rate_rps, self.duration_s, stalls)
 
 
 def run_target(run: TargetRun) -> dict[str, Any]:
@@ -203,14 +204,17 @@ def format_target(report: Mapping[str, Any]) -> str:
         f"target load: {load['rate_rps']} req/s, deadlines {load['deadline']} ms",
         "",
         f"{'mode':10s} {'hit rate':>9s} {'accuracy':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'shed':>7s} {'first p99':>10s}  columns served",
+        f"{'shed':>7s} {'first p99':>10s} {'stalls':>7s} {'misses near':>12s}  columns served",
     ]
     for mode, s in report["runs"].items():
         first = (s.get("stream_first_answer_ms") or {}).get("p99")
+        stalls = s.get("stalls") or {}
+        near = f"{stalls.get('misses_near_stalls', '-')}/{stalls.get('misses', '-')}"
         lines.append(
             f"{mode:10s} {_num(s['deadline_hit_rate'], 4):>9s} {_num(s['accuracy'], 4):>9s} "
             f"{_num(s['latency_ms']['p50'], 2):>8s} {_num(s['latency_ms']['p99'], 2):>8s} "
-            f"{_num(s['shed_rate'], 4):>7s} {_num(first, 2):>10s}  {s['columns_served']}"
+            f"{_num(s['shed_rate'], 4):>7s} {_num(first, 2):>10s} "
+            f"{stalls.get('count', '-')!s:>7s} {near:>12s}  {s['columns_served']}"
         )
     lines.append("")
     for name, v in report["verdict"].items():

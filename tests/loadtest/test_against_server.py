@@ -84,7 +84,9 @@ def check_accounting(
     assert counts["scheduled"] == len(results)
     assert counts["scheduled"] == counts["sent"] + counts["dropped"]
     assert counts["sent"] == counts["completed"] + counts["shed"] + counts["errors"]
-    recomputed = json.loads(json.dumps(summarize(results, rate, duration)))
+    recomputed = json.loads(json.dumps(summarize(results, rate, duration, summary["stalls"])))
+    assert summary["stalls"]["misses"] == sum(not r.deadline_met for r in results)
+    assert 0 <= summary["stalls"]["misses_near_stalls"] <= summary["stalls"]["misses"]
     assert {k: v for k, v in summary.items() if k != "run"} == recomputed
     for r in results:
         in_time = r.deadline_ms is None or (r.latency_ms or math.inf) <= r.deadline_ms

@@ -39,7 +39,7 @@ def test_single_run_writes_consistent_outputs(
     assert counts["sent"] == counts["completed"] + counts["shed"] + counts["errors"]
     assert counts["shed"] > 0 and counts["completed"] > 0  # fixed:1 is below any column
     assert summary["run"]["deadline"] == "mixture:0.5*fixed:1,0.5*uniform:10:80"
-    recomputed = json.loads(json.dumps(summarize(results, 40.0, 1.5)))
+    recomputed = json.loads(json.dumps(summarize(results, 40.0, 1.5, summary["stalls"])))
     assert {k: v for k, v in summary.items() if k != "run"} == recomputed
     assert summary["deadline_hit_rate"] == pytest.approx(
         sum(r.deadline_met for r in results) / len(results), abs=1e-6

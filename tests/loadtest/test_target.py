@@ -86,9 +86,11 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert report["load"]["deadline"] == f"uniform:{low:g}:{high:g}"
     assert set(report["runs"]) == {"auto", "stream", "column 1", "column 2"}
     assert report["runs"]["stream"]["stream_first_answer_ms"]["p99"] is not None
+    assert "stalls  misses near" in printed
     for run in report["runs"].values():
         counts = run["counts"]
         assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
+        assert run["stalls"]["misses"] == counts["scheduled"] - counts["deadline_met"]
     steps = {"calibrate-column1", "calibrate-column2", "saturate", "auto", "stream"}
     assert {p.stem for p in (out / "runs").iterdir()} == steps | {"column1", "column2"}
     assert set(report["verdict"]) == {"hit_rate", "accuracy", "stream_first_answer_p99_ms"}
