@@ -20,6 +20,7 @@ it measures itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import multiprocessing as mp
 import queue
@@ -249,6 +250,7 @@ async def run_share(
         results.append(task.result())
 
     try:
+        settle_heap()
         start_monotonic = start()
         for arrival in arrivals:
             delay = start_monotonic + arrival.at_s - time.monotonic()
@@ -274,6 +276,17 @@ async def run_share(
     finally:
         await session.close()
     return results
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what is left (the imported modules, the clients) out of the
+    garbage collector's sight. A full collection scans every tracked object: some 60,000
+    in a worker, 40-70 ms here, during which the worker neither sends nor reads and every
+    request in flight looks that much later. After the freeze it scans only what the run
+    itself creates. (`timeit` disables the collector for the same reason; a run of
+    unbounded length cannot.)"""
+    gc.collect()
+    gc.freeze()
 
 
 def _worker_main(

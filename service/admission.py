@@ -83,6 +83,8 @@ class LoopLag:
     smoothing: float = 0.3
     lag_ms: float = 0.0
     excused_ms: float = 0.0
+    on_sample: Callable[[float], None] | None = None
+    """Told every raw sample (ms late, inference run on the loop excused): a metric."""
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -104,6 +106,8 @@ class LoopLag:
         loop on purpose (a run the batch would have waited for anyway, not a backlog)."""
         late_ms = max(late_ms - excused_ms, 0.0)
         self.lag_ms += self.smoothing * (late_ms - self.lag_ms)
+        if self.on_sample is not None:
+            self.on_sample(late_ms)
 
     def excuse(self, ms: float) -> None:
         """The loop was busy `ms` running inference itself (`run_on_loop`)."""

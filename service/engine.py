@@ -8,6 +8,7 @@ here once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
@@ -95,7 +96,7 @@ class Engine:
             limit=float(settings.max_batch_size * settings.inference_workers),
             ceiling=float(settings.queue_limit_images),
         )
-        self.loop_lag = LoopLag(clock)
+        self.loop_lag = LoopLag(clock, on_sample=lambda ms: metrics.loop_lag.observe(ms / 1e3))
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,
@@ -133,6 +134,13 @@ class Engine:
         In-flight work keeps the variants it was queued on; a failure leaves the old model."""
         async with self._reload_lock:
             new = await asyncio.to_thread(load_model, path, self.settings)
+            # Out of the garbage collector's sight: a full collection scans every tracked
+            # object (a loaded server has some 67,000; 40-70 ms on 2 CPUs), and the event
+            # loop stands still meanwhile, every request in flight with it. The garbage of
+            # start-up is collected first; a reload under traffic skips that stall.
+            if self.model is None:
+                gc.collect()
+            gc.freeze()
             self.model = new
             self.metrics.model_info.info(
                 {"name": new.name, "version": new.manifest.version, "columns": str(new.columns)}

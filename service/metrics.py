@@ -99,6 +99,12 @@ class Metrics:
             ["column"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "fractal_event_loop_lag_seconds",
+            "How late the event loop ran a 5 ms timer",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.model_info = Info("fractal_model", "The model being served", registry=r)
         self.ready = Gauge("fractal_ready", "1 when the server reports ready", registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -3,6 +3,7 @@ and several worker processes. Each test runs a second or two of traffic on 127.0
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -148,3 +149,14 @@ def test_worker_processes_share_the_schedule() -> None:
     for worker in (0, 1):
         assert_on_schedule([r for r in results if r.worker == worker])
     assert len(stub.arrivals) == len(results)
+
+
+def test_the_heap_is_settled_before_the_schedule_starts() -> None:
+    """What exists before the run is frozen out of the collector's sight, so a full
+    collection during the run scans only the run's own objects; the collector stays on."""
+    before = [object()]  # a container the collector tracks
+    with StubServer(labels=LABELS) as stub:
+        plan = build_plan(20.0, 0.3, NoDeadline(), len(SAMPLES), seed=7)
+        results = run_load(Target(stub.url), plan, SAMPLES, concurrency=8)
+    assert results and gc.isenabled()
+    assert not any(o is before for o in gc.get_objects())

@@ -82,13 +82,15 @@ def test_loop_lag_sees_a_blocked_loop() -> None:
 
 
 def test_loop_lag_excuses_inference_run_on_the_loop() -> None:
-    lag = LoopLag(smoothing=1.0)
+    samples: list[float] = []
+    lag = LoopLag(smoothing=1.0, on_sample=samples.append)
     lag.observe(late_ms=4.0, excused_ms=3.5)
     assert lag.lag_ms == pytest.approx(0.5)
     lag.observe(late_ms=2.0, excused_ms=3.0)  # never below zero
     assert lag.lag_ms == 0.0
     lag.observe(late_ms=6.0)
     assert lag.lag_ms == 6.0
+    assert samples == pytest.approx([0.5, 0.0, 6.0])  # what the metric is told
 
 
 # -- refusal at arrival, on the live server ------------------------------------------------------

@@ -3,12 +3,15 @@ column 1 costs 20 ms, column 2 100 ms, column 3 300 ms, column 4 700 ms at batch
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gc
 import io
 import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,6 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
 from tests.service.tests_support import png_bytes, read_sse
 from tests.support import MADE_REQUEST_ID
 
@@ -282,6 +288,10 @@ def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
     assert 'fractal_deadline_outcomes_total{outcome="shed"}' in text
     assert 'fractal_model_info{columns="4",name="tiny",version="test"} 1.0' in text
     assert "fractal_inference_duration_seconds_bucket" in text
+    lag_samples = [
+        ln for ln in text.splitlines() if ln.startswith("fractal_event_loop_lag_seconds_count")
+    ]
+    assert lag_samples and float(lag_samples[0].split()[-1]) >= 1
     met = [
         ln
         for ln in text.splitlines()
@@ -300,3 +310,21 @@ def test_openapi_lists_the_api(live: Any) -> None:
     with live.client() as c:
         paths = json.loads(c.get("/openapi.json").text)["paths"]
     assert "/v1/classify" in paths and "/v2/models/{name}/infer" in paths
+
+
+def test_a_loaded_model_is_out_of_the_garbage_collectors_sight(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A full collection would scan the model's objects and stall the event loop: every
+    load freezes them (gc.freeze), and the first one collects start-up's garbage first."""
+
+    async def load_twice() -> tuple[int, int, int]:
+        engine = Engine(make_settings(), Metrics())
+        before = gc.get_freeze_count()
+        await engine.load(engine.settings.model_path)
+        first = gc.get_freeze_count()
+        await engine.load(engine.settings.model_path)  # a reload
+        return before, first, gc.get_freeze_count()
+
+    before, first, second = asyncio.run(load_twice())
+    assert before < first < second
