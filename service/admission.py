@@ -25,17 +25,20 @@ class ConcurrencyLimit:
 
     An answer with room to spare (under `early` of its deadline) raises the limit by
     1/limit, about one per round of requests; an answer late or nearly so (over `late`)
-    cuts it by the factor `cut`, at most once per `cool_s` (the requests in flight when
-    one is late are likely late together, and one cut is the answer to all of them).
-    Aiming under 80% of the deadline leaves the rest for what the server cannot see: the
-    time a request waits in the network and the kernel on either side.
+    cuts it by the factor `cut`, but only if its request arrived after the last cut: the
+    requests in flight at a cut were admitted under the old limit and are late together,
+    and one cut is the answer to all of them (TCP cuts its window once per round trip for
+    the same reason). Cutting again for each of them would, after one stall of the
+    machine, leave a limit far below what the load needs, and refuse requests that would
+    have been in time. Aiming under 80% of the deadline leaves the rest for what the
+    server cannot see: the time a request waits in the network and the kernel on either
+    side.
     """
 
     limit: float
     ceiling: float
     floor: float = 1.0
     cut: float = 0.7
-    cool_s: float = 0.02
     early: float = 0.5
     late: float = 0.8
     in_flight: int = 0
@@ -64,9 +67,10 @@ class ConcurrencyLimit:
         finally:
             release()
 
-    def outcome(self, seen_ms: float, deadline_ms: float, now_s: float) -> None:
+    def outcome(self, seen_ms: float, deadline_ms: float, now_s: float, arrived_s: float) -> None:
+        """An answer seen `seen_ms` after its request arrived (at `arrived_s`)."""
         if seen_ms > self.late * deadline_ms:
-            if now_s - self.last_cut_s >= self.cool_s:
+            if arrived_s > self.last_cut_s:
                 self.limit = max(self.floor, self.limit * self.cut)
                 self.last_cut_s = now_s
         elif seen_ms < self.early * deadline_ms:

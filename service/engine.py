@@ -423,7 +423,7 @@ class Engine:
             ).inc()
             timed = first_ms if first_ms is not None and answer.deadline_met else elapsed
             seen = timed + self.loop_lag.allowance_ms  # about what the client sees
-            self.admission.outcome(seen, request.deadline_ms, self.clock())
+            self.admission.outcome(seen, request.deadline_ms, self.clock(), request.arrival_s)
         return answer
 
     def _queue_changed(self, variant: Runnable, images: int) -> None:

@@ -16,29 +16,33 @@ from tests.support import ThreadServer, image_bytes, metric_value
 def test_limit_grows_by_one_per_round_of_timely_answers() -> None:
     c = ConcurrencyLimit(limit=4.0, ceiling=100.0)
     for _ in range(4):
-        c.outcome(seen_ms=10.0, deadline_ms=100.0, now_s=0.0)
+        c.outcome(seen_ms=10.0, deadline_ms=100.0, now_s=0.0, arrived_s=0.0)
     assert c.limit == pytest.approx(5.0, abs=0.1)
-    c.outcome(seen_ms=70.0, deadline_ms=100.0, now_s=0.0)  # between early and late: hold
+    c.outcome(seen_ms=70.0, deadline_ms=100.0, now_s=0.0, arrived_s=0.0)  # neither: hold
     assert c.limit == pytest.approx(5.0, abs=0.1)
 
 
-def test_limit_is_cut_once_per_cool_down_when_late() -> None:
+def test_limit_is_cut_once_for_the_requests_in_flight_at_a_cut() -> None:
+    """After a stall every request in flight is late together: the first late answer cuts
+    the limit; the others arrived before that cut and say nothing new. A late answer to a
+    request admitted after the cut does cut again (the overload goes on)."""
     c = ConcurrencyLimit(limit=10.0, ceiling=100.0)
-    c.outcome(seen_ms=90.0, deadline_ms=100.0, now_s=1.0)
+    c.outcome(seen_ms=90.0, deadline_ms=100.0, now_s=1.0, arrived_s=0.95)
     assert c.limit == pytest.approx(7.0)
-    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.01)  # same episode
+    for k in range(10):  # in flight at the cut, answered over the next 100 ms
+        c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.0 + 0.01 * k, arrived_s=0.96)
     assert c.limit == pytest.approx(7.0)
-    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.05)
+    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.2, arrived_s=1.05)
     assert c.limit == pytest.approx(4.9)
 
 
 def test_limit_stays_within_its_bounds() -> None:
     c = ConcurrencyLimit(limit=2.0, ceiling=3.0)
     for i in range(20):
-        c.outcome(seen_ms=500.0, deadline_ms=100.0, now_s=float(i))
+        c.outcome(seen_ms=500.0, deadline_ms=100.0, now_s=float(i), arrived_s=i - 0.5)
     assert c.limit == 1.0
     for _ in range(100):
-        c.outcome(seen_ms=1.0, deadline_ms=100.0, now_s=100.0)
+        c.outcome(seen_ms=1.0, deadline_ms=100.0, now_s=100.0, arrived_s=100.0)
     assert c.limit == 3.0
 
 
