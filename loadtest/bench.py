@@ -1,7 +1,9 @@
 """`fractal bench`: the serving benchmark, in one run on this machine.
 
 1. The floor: onnxruntime in-process, per column: latency at batch 1 and images/s at the
-   best batch size, with the server's thread settings.
+   best batch size, with the server's thread settings. The deepest column's batched floor
+   is measured again right before and after its saturated server run: the shared
+   machine's speed drifts, and only figures taken side by side compare.
 2. The server at low load (wrk, one connection, one request at a time, column forced):
    p50/p99 per column and the overhead over the floor.
 3. The server saturated (wrk, many connections, column forced) with batching on and off
@@ -98,6 +100,23 @@ def floor(
             "best_batch": best_n,
         }
     return out
+
+
+def batched_floor(bundle: Path, column: int, threads: int, batch: int, repeats: int) -> float:
+    """Images/s of one fp32 column in-process at one batch size: the floor again, measured
+    right beside a server run, so that a drift of the shared machine's speed between the
+    start of the benchmark and that run does not pass for the server's overhead."""
+    manifest = load_bundle(bundle)
+    v = next(v for v in manifest.variants if v.column == column and v.precision == "fp32")
+    session = create_session(bundle / v.file, SessionConfig(intra_op_threads=threads))
+    shape = (batch, manifest.input.height, manifest.input.width, 3)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    run_probabilities(session, images)
+    runs = max(3, repeats // max(batch // 4, 1))
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        run_probabilities(session, images)
+    return batch * runs / (time.perf_counter() - t0)
 
 
 def free_port() -> int:
@@ -270,10 +289,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 srv.url, "/v2/health/live", args.seconds, args.connections, {}, None
             )
             report["low_load"] = low_load(srv, image_path, script, columns, args.seconds)
+            deep = report["floor"][f"column_{columns}"]
+
+            def beside() -> float:
+                return batched_floor(bundle, columns, threads, deep["best_batch"], args.repeats)
+
+            before = beside()
             report["saturated_batched"] = {
                 f"column_{k}": saturated(srv, image_path, script, k, args.seconds, args.connections)
                 for k in (1, columns)
             }
+            report["deepest_floor_beside"] = {"before": before, "after": beside()}
         with server(bundle, {**base_env, "FRACTAL_MAX_BATCH_SIZE": "1"}) as srv:
             report["saturated_unbatched"] = {
                 f"column_{k}": saturated(srv, image_path, script, k, args.seconds, args.connections)
@@ -315,10 +341,14 @@ def print_report(r: dict[str, Any], columns: int) -> None:
             )
     deep = f"column_{columns}"
     b, u = r["saturated_batched"][deep], r["saturated_unbatched"][deep]
+    beside = r["deepest_floor_beside"]
+    near = (beside["before"] + beside["after"]) / 2
     print(
         f"\n{deep}: batched / unbatched = {b['requests_per_s'] / u['requests_per_s']:.2f}x; "
         f"batched / in-process batched floor = "
-        f"{b['requests_per_s'] / r['floor'][deep]['best_images_per_s']:.2f}"
+        f"{b['requests_per_s'] / r['floor'][deep]['best_images_per_s']:.2f} "
+        f"(floor at the start), {b['requests_per_s'] / near:.2f} (floor measured beside the "
+        f"run: {beside['before']:.0f} before, {beside['after']:.0f} after)"
     )
     print(
         f"load generator ceiling (GET /v2/health/live): "

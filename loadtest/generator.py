@@ -281,7 +281,7 @@ async def run_share(
 def settle_heap() -> None:
     """Collect, then freeze what is left (the imported modules, the clients) out of the
     garbage collector's sight. A full collection scans every tracked object: some 60,000
-    in a worker, 40-70 ms here, during which the worker neither sends nor reads and every
+    in a worker, 20-45 ms here, during which the worker neither sends nor reads and every
     request in flight looks that much later. After the freeze it scans only what the run
     itself creates. (`timeit` disables the collector for the same reason; a run of
     unbounded length cannot.)"""

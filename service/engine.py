@@ -135,7 +135,7 @@ class Engine:
         async with self._reload_lock:
             new = await asyncio.to_thread(load_model, path, self.settings)
             # Out of the garbage collector's sight: a full collection scans every tracked
-            # object (a loaded server has some 67,000; 40-70 ms on 2 CPUs), and the event
+            # object (a loaded server has some 67,000: 47-50 ms on 2 idle CPUs), and the event
             # loop stands still meanwhile, every request in flight with it. The garbage of
             # start-up is collected first; a reload under traffic skips that stall.
             if self.model is None:
