@@ -84,13 +84,9 @@ def floor(
             times.append((time.perf_counter() - t0) * 1000)
         best_rate, best_n = 0.0, 1
         for n in batch_sizes:
-            batch = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-            run_probabilities(session, batch)
-            t0 = time.perf_counter()
-            runs = max(3, repeats // max(n // 4, 1))
-            for _ in range(runs):
-                run_probabilities(session, batch)
-            rate = n * runs / (time.perf_counter() - t0)
+            rate = images_per_s(
+                session, rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), repeats
+            )
             if rate > best_rate:
                 best_rate, best_n = rate, n
         out[f"column_{v.column}"] = {
@@ -102,6 +98,18 @@ def floor(
     return out
 
 
+def images_per_s(session: Any, images: np.ndarray, repeats: int) -> float:
+    """In-process throughput of one batch shape: one warm-up run, then timed runs (fewer
+    for large batches)."""
+    n = int(images.shape[0])
+    run_probabilities(session, images)
+    runs = max(3, repeats // max(n // 4, 1))
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        run_probabilities(session, images)
+    return n * runs / (time.perf_counter() - t0)
+
+
 def batched_floor(bundle: Path, column: int, threads: int, batch: int, repeats: int) -> float:
     """Images/s of one fp32 column in-process at one batch size: the floor again, measured
     right beside a server run, so that a drift of the shared machine's speed between the
@@ -110,13 +118,9 @@ def batched_floor(bundle: Path, column: int, threads: int, batch: int, repeats: 
     v = next(v for v in manifest.variants if v.column == column and v.precision == "fp32")
     session = create_session(bundle / v.file, SessionConfig(intra_op_threads=threads))
     shape = (batch, manifest.input.height, manifest.input.width, 3)
-    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    run_probabilities(session, images)
-    runs = max(3, repeats // max(batch // 4, 1))
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        run_probabilities(session, images)
-    return batch * runs / (time.perf_counter() - t0)
+    return images_per_s(
+        session, np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), repeats
+    )
 
 
 def free_port() -> int:
