@@ -35,6 +35,7 @@ from service.metrics import Metrics
 from service.middleware import EarlyShedding, ObservabilityMiddleware
 from service.routes import admin, health, v1, v2
 from service.settings import Settings
+from service.warmup import warm_up, warmup_requests
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        model = engine.model
+        if model is not None:
+            spec = model.manifest.input
+            with engine.warming_up():
+                ms = await warm_up(app, warmup_requests(model.name, spec.height, spec.width))
+            log.info("request path warmed up in %.0f ms", ms)
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup(engine)))

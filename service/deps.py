@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from service.engine import Engine
 from service.errors import TooManyRequests, Unauthorized
 from service.settings import Settings
+from service.warmup import WARMUP_STATE_KEY
 
 
 async def get_engine(request: Request) -> Engine:
@@ -70,7 +71,11 @@ class TokenBucket:
 
 
 async def inference_access(request: Request) -> None:
-    """Bearer authentication (when tokens are configured) and the per-client rate limit."""
+    """Bearer authentication (when tokens are configured) and the per-client rate limit.
+    The server's own warm-up requests (marked in the ASGI scope, which no client can set)
+    need neither."""
+    if getattr(request.state, WARMUP_STATE_KEY, False):
+        return
     app_state = request.app.state
     accepted: tuple[str, ...] = app_state.api_tokens
     token = bearer_token(request)

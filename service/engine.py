@@ -8,11 +8,12 @@ here once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,9 @@ class Engine:
         self.model: LoadedModel | None = None
         self.drain_started_s: float | None = None
         self.active_requests = 0
+        self.warming = False
+        """Serving the start-up warm-up requests (`service.warmup`): answers, batches and
+        their timings are not counted, nor learnt from."""
         """HTTP requests in the server now (counted by `EarlyShedding`)."""
         # Enough at once to fill a batch on every worker, to begin with.
         self.admission = ConcurrencyLimit(
@@ -124,6 +128,15 @@ class Engine:
         if self.settings.adaptive_admission:
             self.loop_lag.start()
         await self.load(self.settings.model_path)
+
+    @contextlib.contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """While the server sends itself its warm-up requests."""
+        self.warming, self.batcher.learning = True, False
+        try:
+            yield
+        finally:
+            self.warming, self.batcher.learning = False, True
 
     async def stop(self) -> None:
         await self.loop_lag.stop()
@@ -412,6 +425,8 @@ class Engine:
         congested the server is; a late one counts as late."""
         elapsed = (self.clock() - request.arrival_s) * 1000.0
         answer = Answer(model, final, request.deadline_ms, elapsed, run, reason)
+        if self.warming:
+            return answer
         v = final.variant
         self.metrics.child(self.metrics.column_served, str(v.column), v.precision).inc()
         if v.spec.accuracy is not None:
@@ -434,6 +449,8 @@ class Engine:
 
     def _batch_done(self, variant: Runnable, n: int, ms: float) -> None:
         assert isinstance(variant, VariantRuntime)
+        if self.warming:
+            return
         col, prec = str(variant.column), variant.precision
         self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
         self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)

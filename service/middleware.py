@@ -23,6 +23,7 @@ from service.engine import Engine
 from service.errors import INTERNAL_ERROR, BadRequest, Unavailable, error_response
 from service.metrics import Metrics
 from service.requests import parse_deadline_ms
+from service.warmup import WARMUP_STATE_KEY
 
 access_log = logging.getLogger("service.access")
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class ObservabilityMiddleware:
 
     def _record(self, scope: Scope, state: dict[str, Any], status: int, start: float) -> None:
         path = scope.get("path", "")
-        if path in UNTIMED_PATHS:
+        if path in UNTIMED_PATHS or state.get(WARMUP_STATE_KEY):
             return
         elapsed = self.clock() - start
         route = scope.get("route")
