@@ -40,7 +40,9 @@ def test_warm_up_answers_everything_and_leaves_no_trace(
         # rate limit or a bad body.
         assert not [m for m in messages if m.startswith("warm-up request")]
         assert not [r for r in caplog.records if r.name == "service.access"]
-        assert all(v.latency.observations == 0 for v in server.engine.model.variants.values())
+        model = server.engine.model
+        assert model is not None
+        assert all(v.latency.observations == 0 for v in model.variants.values())
 
         with server.client(headers={"Authorization": "Bearer secret"}) as client:
             metrics = client.get("/metrics").text
