@@ -87,6 +87,9 @@ class Result:
     deadline_ms: float | None
     send_s: float | None = None
     latency_ms: float | None = None
+    server_ms: float | None = None
+    """The server's elapsed time for it (arrival to answer, by its own clock; answered
+    requests only): `latency_ms - server_ms` is the time spent outside the server."""
     status: int = 0
     """HTTP status; 0 when there was none (dropped, connection error, timeout)."""
     column: int | None = None
@@ -153,6 +156,7 @@ def _ms(seconds: float) -> float:
 def _finish(result: Result, answer: Answer, done_s: float) -> Result:
     result.latency_ms = _ms(done_s - result.scheduled_s)
     result.column, result.predicted = answer.column, answer.class_name
+    result.server_ms = answer.server_ms
     result.error = answer.error
     if answer.class_name is not None and result.label:
         result.correct = answer.class_name == result.label

@@ -11,7 +11,13 @@ Definitions (every rate over ALL scheduled requests unless it says otherwise):
 - correct in time: correct answers within the deadline / scheduled (what an anytime
   service is for: a right answer, in time, for every request);
 - stalls: the machine's stalls seen by an idle probe process during the run, and the
-  misses that overlapped one (loadtest.stalls).
+  misses that overlapped one (loadtest.stalls);
+- time outside the server: latency minus the server's own elapsed time for the request
+  (`elapsed_ms` of its answer): the generator's send lag, the network both ways, the
+  server's event loop before it reads the request, the client reading the answer;
+- late answers: completed past their deadline, split into *late by the server's clock*
+  (its elapsed time exceeded the budget the request was sent with) and *late outside
+  the server* (the server answered within that budget; the rest of the way made it late).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.generator import Result
+from loadtest.generator import Result, budget_at_send
 
 
 def _percentiles(values: Sequence[float], qs: Sequence[int]) -> dict[str, float | None]:
@@ -44,6 +50,25 @@ def _ratio(num: int, den: int) -> float | None:
 def _accuracy(results: Iterable[Result]) -> tuple[int, float | None]:
     checked = [r.correct for r in results if r.ok and r.correct is not None]
     return len(checked), _ratio(sum(checked), len(checked))
+
+
+def late_answers(results: Iterable[Result]) -> dict[str, int]:
+    """Completed answers past their deadline, by where the time went (module docstring)."""
+    late = [r for r in results if r.ok and not r.deadline_met and r.deadline_ms is not None]
+    by_server = 0
+    unknown = 0
+    for r in late:
+        budget = budget_at_send(r.deadline_ms, r.scheduled_s, r.send_s or r.scheduled_s)
+        if r.server_ms is None or budget is None:
+            unknown += 1
+        elif r.server_ms > budget:
+            by_server += 1
+    return {
+        "total": len(late),
+        "late_by_server_clock": by_server,
+        "late_outside_server": len(late) - by_server - unknown,
+        "unknown": unknown,
+    }
 
 
 def summarize(
@@ -74,6 +99,11 @@ def summarize(
     checked, accuracy = _accuracy(completed)
     lags = [(r.send_s - r.scheduled_s) * 1000.0 for r in results if r.send_s is not None]
     firsts = [r.first_answer_ms for r in completed if r.first_answer_ms is not None]
+    outside = [
+        r.latency_ms - r.server_ms
+        for r in completed
+        if r.latency_ms is not None and r.server_ms is not None
+    ]
     return {
         "duration_s": duration_s,
         "elapsed_s": round(window_done, 3),
@@ -103,6 +133,8 @@ def summarize(
         "accuracy_by_column": by_column,
         "columns_served": {str(c): n for c, n in sorted(served.items())},
         "stream_first_answer_ms": _percentiles(firsts, (50, 99)) if firsts else None,
+        "outside_server_ms": _percentiles(outside, (50, 99)) if outside else None,
+        "late_answers": late_answers(results),
         "send_lag_ms": {
             **_percentiles(lags, (50, 99)),
             "max": round(max(lags), 3) if lags else None,
@@ -180,6 +212,22 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary["stream_first_answer_ms"]:
         first = summary["stream_first_answer_ms"]
         rows.append(("first answer p50 / p99 (ms)", f"{_fmt(first['p50'])} / {_fmt(first['p99'])}"))
+    outside = summary.get("outside_server_ms")
+    if outside:
+        rows.append(
+            (
+                "time outside the server p50 / p99 (ms)",
+                f"{_fmt(outside['p50'])} / {_fmt(outside['p99'])}",
+            )
+        )
+    late = summary.get("late_answers")
+    if late and late["total"]:
+        rows.append(
+            (
+                "late answers: by the server's clock, outside it",
+                f"{late['late_by_server_clock']}, {late['late_outside_server']}",
+            )
+        )
     lag = summary["send_lag_ms"]
     rows.append(
         ("send lag p50 / p99 / max (ms)", " / ".join(_fmt(lag[k]) for k in ("p50", "p99", "max")))
@@ -239,6 +287,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "deadline_ms": _opt(float),
     "send_s": _opt(float),
     "latency_ms": _opt(float),
+    "server_ms": _opt(float),
     "status": int,
     "column": _opt(int),
     "predicted": _opt(str),

@@ -204,17 +204,22 @@ def format_target(report: Mapping[str, Any]) -> str:
         f"target load: {load['rate_rps']} req/s, deadlines {load['deadline']} ms",
         "",
         f"{'mode':10s} {'hit rate':>9s} {'accuracy':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'shed':>7s} {'first p99':>10s} {'stalls':>7s} {'misses near':>12s}  columns served",
+        f"{'shed':>7s} {'first p99':>10s} {'late srv/out':>13s} {'out p99':>8s} "
+        f"{'stalls':>7s} {'misses near':>12s}  columns served",
     ]
     for mode, s in report["runs"].items():
         first = (s.get("stream_first_answer_ms") or {}).get("p99")
         stalls = s.get("stalls") or {}
         near = f"{stalls.get('misses_near_stalls', '-')}/{stalls.get('misses', '-')}"
+        late = s.get("late_answers") or {}
+        split = f"{late.get('late_by_server_clock', '-')}/{late.get('late_outside_server', '-')}"
+        outside = (s.get("outside_server_ms") or {}).get("p99")
         lines.append(
             f"{mode:10s} {_num(s['deadline_hit_rate'], 4):>9s} {_num(s['accuracy'], 4):>9s} "
             f"{_num(s['latency_ms']['p50'], 2):>8s} {_num(s['latency_ms']['p99'], 2):>8s} "
-            f"{_num(s['shed_rate'], 4):>7s} {_num(first, 2):>10s} "
-            f"{stalls.get('count', '-')!s:>7s} {near:>12s}  {s['columns_served']}"
+            f"{_num(s['shed_rate'], 4):>7s} {_num(first, 2):>10s} {split:>13s} "
+            f"{_num(outside, 2):>8s} {stalls.get('count', '-')!s:>7s} {near:>12s}  "
+            f"{s['columns_served']}"
         )
     lines.append("")
     for name, v in report["verdict"].items():

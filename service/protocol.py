@@ -46,16 +46,24 @@ class Answer:
     column: int | None = None
     class_name: str | None = None
     error: str | None = None
+    server_ms: float | None = None
+    """The server's own elapsed time, arrival to answer by its clock (`elapsed_ms`)."""
 
 
-def answer_from_json(payload: Any) -> Answer:
-    """The answer in a 200 body (or in a stream's `final` prediction)."""
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def answer_from_json(payload: Any, server_ms: Any = None) -> Answer:
+    """The answer in a 200 body (or in a stream's `final` prediction, whose elapsed time
+    the `done` event carries beside it: `server_ms`)."""
     if not isinstance(payload, dict) or "class_name" not in payload:
         return Answer(error="answer without class_name")
     column = payload.get("column")
     return Answer(
         column=int(column) if isinstance(column, int | float) else None,
         class_name=str(payload["class_name"]),
+        server_ms=_number(payload.get("elapsed_ms", server_ms)),
     )
 
 
@@ -116,7 +124,7 @@ def answer_from_done(event: Event) -> Answer:
         return Answer(error="done event is not JSON")
     if not isinstance(payload, dict):
         return Answer(error="done event is not an object")
-    return answer_from_json(payload.get("final"))
+    return answer_from_json(payload.get("final"), payload.get("elapsed_ms"))
 
 
 def answer_from_error(event: Event) -> Answer:

@@ -115,6 +115,11 @@ def test_single_answers(server: str, digits: Path, tmp_path: Path) -> None:
     assert impossible and all(r.status == 503 and not r.deadline_met for r in impossible)
     assert summary["counts"]["shed"] >= len(impossible)
     assert sum(summary["columns_served"].values()) == summary["counts"]["completed"]
+    # Every answer carries the server's own time, which is part of what the client saw.
+    answered = [r for r in results if r.ok]
+    assert all(r.server_ms is not None and r.latency_ms is not None for r in answered)
+    assert all(0 < r.server_ms <= r.latency_ms for r in answered)  # type: ignore[operator]
+    assert summary["outside_server_ms"]["p50"] > 0
     assert (out / "latency_cdf.png").exists() and (out / "accuracy_vs_deadline.png").exists()
 
 
@@ -134,6 +139,7 @@ def test_streams(server: str, digits: Path, tmp_path: Path) -> None:
     for r in completed:
         assert r.first_answer_ms is not None and r.latency_ms is not None
         assert r.first_answer_ms <= r.latency_ms
+        assert r.server_ms is not None and r.server_ms <= r.latency_ms
     assert summary["stream_first_answer_ms"]["p50"] is not None
 
 

@@ -35,12 +35,20 @@ def test_sse_events_and_final_answer() -> None:
         'data: {"column": 1, "class_name": "dog"}\n'
         "\n"
         "event: done\n"
-        f"data: {json.dumps({'final': final, 'reason': 'deepest'})}\n"
+        f"data: {json.dumps({'final': final, 'reason': 'deepest', 'elapsed_ms': 12.5})}\n"
         "\n"
     )
     events = parse_sse(text.split("\n"))
     assert [e.name for e in events] == ["prediction", "done"]
-    assert answer_from_done(events[1]) == Answer(column=3, class_name="cat")
+    assert answer_from_done(events[1]) == Answer(column=3, class_name="cat", server_ms=12.5)
+
+
+def test_server_elapsed_time_of_an_answer() -> None:
+    answer = answer_from_json({"column": 2, "class_name": "cat", "elapsed_ms": 4.25})
+    assert answer.server_ms == 4.25
+    assert answer_from_json({"column": 2, "class_name": "cat"}).server_ms is None
+    assert answer_from_json({"class_name": "cat", "elapsed_ms": "soon"}).server_ms is None
+    assert answer_from_json({"class_name": "cat", "elapsed_ms": True}).server_ms is None
 
 
 def test_sse_multiline_data_and_unterminated_event() -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from loadtest.generator import Result
-from loadtest.report import deadline_bins, format_table, read_csv, summarize, write_csv
+from loadtest.report import (
+    deadline_bins,
+    format_table,
+    late_answers,
+    read_csv,
+    summarize,
+    write_csv,
+)
 
 
 def ok(index: int, latency: float, deadline: float | None, column: int, right: bool) -> Result:
@@ -111,9 +118,36 @@ def test_deadline_bins() -> None:
     assert deadline_bins([Result(0, 0, 0.0, "cat", None)]) == []
 
 
+def test_late_answers_split_by_where_the_time_went() -> None:
+    results = synthetic()
+    # #2: 30 ms against a 20 ms deadline, sent 1 ms after its scheduled time, so the
+    # server was given 19 ms.
+    results[2].server_ms = 19.5
+    assert late_answers(results) == {
+        "total": 1, "late_by_server_clock": 1, "late_outside_server": 0, "unknown": 0
+    }  # fmt: skip
+    results[2].server_ms = 18.0
+    assert late_answers(results)["late_outside_server"] == 1
+    results[2].server_ms = None
+    assert late_answers(results)["unknown"] == 1
+
+
+def test_time_outside_the_server() -> None:
+    results = synthetic()
+    for r, server in zip(results[:4], (8.0, 11.0, 18.0, 30.0), strict=True):
+        r.server_ms = server
+    s = summarize(results, 10.0, 1.0)
+    # Outside: 2, 4, 12, 10 ms (#4 has no server time and is left out).
+    assert s["outside_server_ms"]["p50"] == pytest.approx(7.0)
+    assert s["late_answers"]["late_outside_server"] == 1
+    table = format_table(s)
+    assert "time outside the server" in table and "by the server's clock" in table
+
+
 def test_csv_round_trip(tmp_path: Path) -> None:
     results = synthetic()
     results[0].first_answer_ms = 3.25
+    results[1].server_ms = 7.125
     path = tmp_path / "results.csv"
     write_csv(path, results)
     back = read_csv(path)
