@@ -91,10 +91,10 @@ class Engine:
         self.model: LoadedModel | None = None
         self.drain_started_s: float | None = None
         self.active_requests = 0
+        """HTTP requests in the server now (counted by `EarlyShedding`)."""
         self.warming = False
         """Serving the start-up warm-up requests (`service.warmup`): answers, batches and
         their timings are not counted, nor learnt from."""
-        """HTTP requests in the server now (counted by `EarlyShedding`)."""
         # Enough at once to fill a batch on every worker, to begin with.
         self.admission = ConcurrencyLimit(
             limit=float(settings.max_batch_size * settings.inference_workers),
