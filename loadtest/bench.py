@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,17 +110,19 @@ def images_per_s(session: Any, images: np.ndarray, repeats: int) -> float:
     return n * runs / (time.perf_counter() - t0)
 
 
-def batched_floor(bundle: Path, column: int, threads: int, batch: int, repeats: int) -> float:
-    """Images/s of one fp32 column in-process at one batch size: the floor again, measured
-    right beside a server run, so that a drift of the shared machine's speed between the
-    start of the benchmark and that run does not pass for the server's overhead."""
+def batched_floor(
+    bundle: Path, column: int, threads: int, batch: int, repeats: int
+) -> Callable[[], float]:
+    """A measure of one fp32 column's in-process images/s at one batch size (the session
+    and the batch built once): the floor again, taken right beside a server run, so that a
+    drift of the shared machine's speed between the start of the benchmark and that run
+    does not pass for the server's overhead."""
     manifest = load_bundle(bundle)
     v = next(v for v in manifest.variants if v.column == column and v.precision == "fp32")
     session = create_session(bundle / v.file, SessionConfig(intra_op_threads=threads))
     shape = (batch, manifest.input.height, manifest.input.width, 3)
-    return images_per_s(
-        session, np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), repeats
-    )
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    return lambda: images_per_s(session, images, repeats)
 
 
 def free_port() -> int:
@@ -294,10 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             report["low_load"] = low_load(srv, image_path, script, columns, args.seconds)
             deep = report["floor"][f"column_{columns}"]
-
-            def beside() -> float:
-                return batched_floor(bundle, columns, threads, deep["best_batch"], args.repeats)
-
+            beside = batched_floor(bundle, columns, threads, int(deep["best_batch"]), args.repeats)
             before = beside()
             report["saturated_batched"] = {
                 f"column_{k}": saturated(srv, image_path, script, k, args.seconds, args.connections)

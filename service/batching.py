@@ -33,8 +33,6 @@ class Runnable(Protocol):
 
     def predict_ms(self, n: int) -> float: ...
 
-    def observe(self, n: int, ms: float) -> None: ...
-
 
 @dataclass(frozen=True)
 class JobResult:
@@ -97,8 +95,6 @@ class Batcher:
         self._load = load
         """(requests in the server, event-loop lag in ms) for `run_on_loop`."""
         self.running_batches = 0
-        self.learning = True
-        """Whether finished runs teach their variant's latency model (off while warming up)."""
 
     # -- submission and snapshots -------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Future[JobResult]:
@@ -218,8 +214,6 @@ class Batcher:
     def _complete(self, batch: list[Job], probs: np.ndarray, start: float, ms: float) -> None:
         """Account for a finished run and hand every job its slice of the result."""
         variant, n = batch[0].variant, int(probs.shape[0])
-        if self.learning:
-            variant.observe(n, ms)
         self._on_batch(variant, n, ms)
         offset = 0
         for job in batch:

@@ -132,11 +132,11 @@ class Engine:
     @contextlib.contextmanager
     def warming_up(self) -> Iterator[None]:
         """While the server sends itself its warm-up requests."""
-        self.warming, self.batcher.learning = True, False
+        self.warming = True
         try:
             yield
         finally:
-            self.warming, self.batcher.learning = False, True
+            self.warming = False
 
     async def stop(self) -> None:
         await self.loop_lag.stop()
@@ -448,9 +448,11 @@ class Engine:
         )
 
     def _batch_done(self, variant: Runnable, n: int, ms: float) -> None:
+        """A finished run teaches its variant's latency model, and is counted."""
         assert isinstance(variant, VariantRuntime)
         if self.warming:
             return
+        variant.observe(n, ms)
         col, prec = str(variant.column), variant.precision
         self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
         self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)

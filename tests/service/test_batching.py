@@ -45,9 +45,6 @@ class FakeVariant:
     def predict_ms(self, n: int) -> float:
         return self.cost_ms * n
 
-    def observe(self, n: int, ms: float) -> None:
-        pass
-
 
 def job(
     variant: FakeVariant,
