@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from loadtest.affinity import parse_cpu_list, pinned
 from loadtest.ceiling import format_ceiling, run_ceiling
 from loadtest.deadlines import parse_deadline
 from loadtest.generator import Target, build_plan
@@ -80,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the schedule, images, deadlines")
     p.add_argument(
+        "--cpus",
+        default=None,
+        help="run the generator on these CPUs only (taskset's list form: 0 or 0-1,3), "
+        "to keep it off a server pinned to the others (default: wherever the OS puts it)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -128,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.deadline_dist = parse_deadline(args.deadline)
         args.grid = parse_grid(args.deadlines)
+        args.cpu_set = None if args.cpus is None else parse_cpu_list(args.cpus)
     except ValueError as exc:
         p.error(str(exc))
     return args
@@ -157,6 +165,7 @@ def _run_meta(args: argparse.Namespace, samples: list[Sample]) -> dict[str, Any]
         "workers": args.workers,
         "timeout_s": args.timeout,
         "seed": args.seed,
+        "cpus": None if args.cpu_set is None else sorted(args.cpu_set),
         "images": args.images or "shipped CIFAR-10 sample",
         "image_count": len(samples),
     }
@@ -265,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     args = parse_args(argv)
+    with pinned(args.cpu_set):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         if args.ceiling:
             httpx.get(args.url.rstrip("/") + LIVE_PATH, timeout=args.timeout).raise_for_status()

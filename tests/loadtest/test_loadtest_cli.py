@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from loadtest import sweep
+from loadtest import cli, sweep
+from loadtest.affinity import parse_cpu_list
 from loadtest.cli import main
 from loadtest.report import read_csv, summarize
 from loadtest.samples import load_samples
@@ -103,3 +106,42 @@ def test_bad_arguments_and_unreachable_server(capsys: pytest.CaptureFixture[str]
         url = stub.url
     assert main(["--url", url, "--duration", "0.2", "--timeout", "2"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_cpu_list_parsing() -> None:
+    usable = sorted(os.sched_getaffinity(0))
+    first = usable[0]
+    assert parse_cpu_list(str(first)) == {first}
+    assert parse_cpu_list(f" {first} , {first}-{first}") == {first}
+    for bad in ("", "x", "1-0", "-1", "0-", "0;1"):
+        with pytest.raises(ValueError, match="bad CPU"):
+            parse_cpu_list(bad)
+    with pytest.raises(ValueError, match="not among"):
+        parse_cpu_list(str(max(usable) + 1))
+
+
+def test_cpus_pins_the_generator_for_the_run_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    seen: list[set[int]] = []
+    real = cli.run_probed
+
+    def probed(*args: Any, **kwargs: Any) -> Any:
+        seen.append(os.sched_getaffinity(0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_probed", probed)
+    with StubServer(column_ms=(1.0,), labels=LABELS) as stub:
+        code = main(
+            ["--url", stub.url, "--rate", "20", "--duration", "0.3", "--workers", "1",
+             "--cpus", str(cpu), "--no-plots", "--out", str(tmp_path)]
+        )  # fmt: skip
+    assert code == 0
+    assert seen == [{cpu}]
+    assert os.sched_getaffinity(0) == before
+    assert json.loads((tmp_path / "summary.json").read_text())["run"]["cpus"] == [cpu]
+    with pytest.raises(SystemExit) as exc:
+        main(["--url", stub.url, "--cpus", str(max(before) + 1)])
+    assert exc.value.code == 2
