@@ -34,6 +34,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.middleware import EarlyShedding, ObservabilityMiddleware
 from service.routes import admin, health, v1, v2
+from service.runtime import gil_switch_interval
 from service.settings import Settings
 from service.warmup import warm_up, warmup_requests
 
@@ -59,23 +60,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        model = engine.model
-        if model is not None:
-            spec = model.manifest.input
-            with engine.warming_up():
-                ms = await warm_up(app, warmup_requests(model.name, spec.height, spec.width))
-            log.info("request path warmed up in %.0f ms", ms)
-        loop = asyncio.get_running_loop()
-        try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup(engine)))
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            log.debug("SIGHUP reload not available in this thread")
-        try:
-            yield
-        finally:
-            engine.begin_drain()
-            await engine.stop()
+        with gil_switch_interval(settings.gil_switch_interval_ms):
+            async with _serving(app, engine):
+                yield
 
     app = FastAPI(
         title="FractalNet anytime inference",
@@ -125,6 +112,28 @@ def create_app(
         return FileResponse(page, media_type="text/html")
 
     return app
+
+
+@asynccontextmanager
+async def _serving(app: FastAPI, engine: Engine) -> AsyncIterator[None]:
+    """Load the bundle, warm the request path, serve; drain and stop on the way out."""
+    await engine.start()
+    model = engine.model
+    if model is not None:
+        spec = model.manifest.input
+        with engine.warming_up():
+            ms = await warm_up(app, warmup_requests(model.name, spec.height, spec.width))
+        log.info("request path warmed up in %.0f ms", ms)
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup(engine)))
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        log.debug("SIGHUP reload not available in this thread")
+    try:
+        yield
+    finally:
+        engine.begin_drain()
+        await engine.stop()
 
 
 async def _sighup(engine: Engine) -> None:

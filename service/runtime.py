@@ -6,12 +6,14 @@ comes from the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,20 @@ def available_cpus() -> int:
     if quota is not None:
         count = min(count, max(1, int(quota)))
     return max(1, count)
+
+
+@contextlib.contextmanager
+def gil_switch_interval(ms: float | None) -> Iterator[None]:
+    """Within the block, a thread that wants the GIL waits at most `ms` for the one that
+    holds it (`sys.setswitchinterval`); None leaves Python's setting (5 ms) alone."""
+    before_s = sys.getswitchinterval()
+    if ms is not None:
+        sys.setswitchinterval(ms / 1000.0)
+        log.info("GIL switch interval %.3g ms", ms)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before_s)
 
 
 def default_intra_op_threads() -> int:

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     """Opt-in: an idle server runs a batch predicted to take at most this long on the event
     loop instead of the inference thread (saves the hand-off at low load). 0, the default:
     onnxruntime always runs off the event loop."""
+    gil_switch_interval_ms: float | None = Field(default=None, gt=0, le=100)
+    """How long Python lets a thread hold the GIL while another waits for it
+    (`sys.setswitchinterval`); None: Python's default, 5 ms. The inference thread needs
+    the GIL to hand each finished batch back, and waits up to this long for it while the
+    event loop is busy with other requests."""
     queue_limit_images: int = Field(default=512, ge=1)
     """Images that may wait across all variants before new work is refused (503)."""
     stream_refine_backlog_ms: float = Field(default=1.0, ge=0)

@@ -9,6 +9,7 @@ import gc
 import io
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.tests_support import png_bytes, read_sse
-from tests.support import MADE_REQUEST_ID
+from tests.support import MADE_REQUEST_ID, serve_in_thread
 
 
 def classify(client: httpx.Client, image: bytes, **headers: str) -> httpx.Response:
@@ -329,3 +330,16 @@ def test_a_loaded_model_is_out_of_the_garbage_collectors_sight(
         return [tracked(first), tracked(first.variants), tracked(second), tracked(control)]
 
     assert asyncio.run(load_twice()) == [False, False, False, True]
+
+
+def test_gil_switch_interval_holds_while_serving_only(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    before = sys.getswitchinterval()
+    with serve_in_thread(make_settings(gil_switch_interval_ms=0.5)) as server:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        with server.client() as client:
+            assert classify(client, image).status_code == 200
+    assert sys.getswitchinterval() == before
+    with serve_in_thread(make_settings()):
+        assert sys.getswitchinterval() == before  # unset: Python's own
