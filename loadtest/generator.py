@@ -45,6 +45,7 @@ from service.protocol import (
     answer_from_json,
     classify_headers,
     error_text,
+    server_timing,
 )
 
 START_DELAY_S = 0.2
@@ -90,6 +91,11 @@ class Result:
     server_ms: float | None = None
     """The server's elapsed time for it (arrival to answer, by its own clock; answered
     requests only): `latency_ms - server_ms` is the time spent outside the server."""
+    queue_ms: float | None = None
+    """Of the server's time, waiting for its batch to start (its `Server-Timing` header;
+    single answers only)."""
+    inference_ms: float | None = None
+    """Of the server's time, its batch's run, hand-back to the event loop included."""
     status: int = 0
     """HTTP status; 0 when there was none (dropped, connection error, timeout)."""
     column: int | None = None
@@ -202,7 +208,11 @@ async def _send(
                     return _finish(result, Answer(error=error_text(result.status, body)), now())
                 if not target.stream:
                     answer = answer_from_json(await response.json(content_type=None))
-                    return _finish(result, answer, now())
+                    done_s = now()
+                    timing = server_timing(response.headers.get("Server-Timing"))
+                    result.queue_ms = timing.get("queue")
+                    result.inference_ms = timing.get("inference")
+                    return _finish(result, answer, done_s)
                 answer, parser = NO_DONE, SseParser()
                 async for raw in response.content:
                     line = raw.decode("utf-8", "replace").rstrip("\r\n")

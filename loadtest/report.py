@@ -17,7 +17,11 @@ Definitions (every rate over ALL scheduled requests unless it says otherwise):
   server's event loop before it reads the request, the client reading the answer;
 - late answers: completed past their deadline, split into *late by the server's clock*
   (its elapsed time exceeded the budget the request was sent with) and *late outside
-  the server* (the server answered within that budget; the rest of the way made it late).
+  the server* (the server answered within that budget; the rest of the way made it late);
+- the server's time split (single answers, from their `Server-Timing` header): *queue*,
+  waiting for the batch to start; *inference*, the batch's run and its hand-back to the
+  event loop; *rest*, everything else between arrival and answer (reading and decoding
+  the body, admission, writing the answer, and the event loop's turns in between).
 """
 
 from __future__ import annotations
@@ -69,6 +73,20 @@ def late_answers(results: Iterable[Result]) -> dict[str, int]:
         "late_outside_server": len(late) - by_server - unknown,
         "unknown": unknown,
     }
+
+
+def server_split(results: Iterable[Result], qs: Sequence[int]) -> dict[str, Any] | None:
+    """Percentiles of the server's time split into queue, inference and rest (module
+    docstring), over the answers that carry all three; None when none does."""
+    parts = [
+        (r.queue_ms, r.inference_ms, r.server_ms - r.queue_ms - r.inference_ms)
+        for r in results
+        if r.server_ms is not None and r.queue_ms is not None and r.inference_ms is not None
+    ]
+    if not parts:
+        return None
+    names = ("queue", "inference", "rest")
+    return {name: _percentiles([p[i] for p in parts], qs) for i, name in enumerate(names)}
 
 
 def summarize(
@@ -135,6 +153,10 @@ def summarize(
         "stream_first_answer_ms": _percentiles(firsts, (50, 99)) if firsts else None,
         "outside_server_ms": _percentiles(outside, (50, 99)) if outside else None,
         "late_answers": late_answers(results),
+        "server_split_ms": server_split(completed, (50, 99)),
+        "late_server_split_ms": server_split(
+            (r for r in completed if not r.deadline_met and r.deadline_ms is not None), (50,)
+        ),
         "send_lag_ms": {
             **_percentiles(lags, (50, 99)),
             "max": round(max(lags), 3) if lags else None,
@@ -228,6 +250,14 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{late['late_by_server_clock']}, {late['late_outside_server']}",
             )
         )
+    split, late_split = summary.get("server_split_ms"), summary.get("late_server_split_ms")
+    if split:
+        rows.append(("server time p50 / p99, late answers' p50 (ms)", ""))
+        for part, pcts in split.items():
+            late_p50 = late_split[part]["p50"] if late_split else None
+            rows.append(
+                (f"  {part}", f"{_fmt(pcts['p50'])} / {_fmt(pcts['p99'])}, {_fmt(late_p50)}")
+            )
     lag = summary["send_lag_ms"]
     rows.append(
         ("send lag p50 / p99 / max (ms)", " / ".join(_fmt(lag[k]) for k in ("p50", "p99", "max")))
@@ -288,6 +318,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "send_s": _opt(float),
     "latency_ms": _opt(float),
     "server_ms": _opt(float),
+    "queue_ms": _opt(float),
+    "inference_ms": _opt(float),
     "status": int,
     "column": _opt(int),
     "predicted": _opt(str),

@@ -6,6 +6,7 @@ requests and read answers the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -65,6 +66,20 @@ def answer_from_json(payload: Any, server_ms: Any = None) -> Answer:
         class_name=str(payload["class_name"]),
         server_ms=_number(payload.get("elapsed_ms", server_ms)),
     )
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """The durations (ms) of a `Server-Timing` header ("queue;dur=0.4, inference;dur=1.2");
+    metrics without a readable `dur` are left out."""
+    timings: dict[str, float] = {}
+    for metric in (header or "").split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "dur" and name:
+                with contextlib.suppress(ValueError):
+                    timings[name] = float(value.strip().strip('"'))
+    return timings
 
 
 def error_text(status: int, body: bytes) -> str:

@@ -120,6 +120,12 @@ def test_single_answers(server: str, digits: Path, tmp_path: Path) -> None:
     assert all(r.server_ms is not None and r.latency_ms is not None for r in answered)
     assert all(0 < r.server_ms <= r.latency_ms for r in answered)  # type: ignore[operator]
     assert summary["outside_server_ms"]["p50"] > 0
+    # ... and its split from Server-Timing: the queue and the run are part of that time.
+    for r in answered:
+        assert r.queue_ms is not None and r.inference_ms is not None and r.server_ms is not None
+        assert r.queue_ms >= 0 and r.inference_ms > 0
+        assert r.queue_ms + r.inference_ms <= r.server_ms
+    assert summary["server_split_ms"]["rest"]["p50"] > 0
     assert (out / "latency_cdf.png").exists() and (out / "accuracy_vs_deadline.png").exists()
 
 

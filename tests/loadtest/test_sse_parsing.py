@@ -15,6 +15,7 @@ from service.protocol import (
     column_count,
     error_text,
     parse_sse,
+    server_timing,
 )
 
 
@@ -82,3 +83,10 @@ def test_column_count() -> None:
     assert column_count(payload) == 2
     with pytest.raises(ValueError):
         column_count({"models": []})
+
+
+def test_server_timing_header() -> None:
+    assert server_timing("queue;dur=0.25, inference;dur=1.5") == {"queue": 0.25, "inference": 1.5}
+    assert server_timing('db;desc="x";dur="3" , cache') == {"db": 3.0}
+    assert server_timing("a;dur=soon, ;dur=2, b;desc=x") == {}
+    assert server_timing(None) == {} and server_timing("") == {}

@@ -144,10 +144,30 @@ def test_time_outside_the_server() -> None:
     assert "time outside the server" in table and "by the server's clock" in table
 
 
+def test_server_time_split() -> None:
+    results = synthetic()
+    assert summarize(results, 10.0, 1.0)["server_split_ms"] is None
+    # #0 and #1 in time, #2 late (30 ms against 20); #3 has no split and is left out.
+    for r, (server, queue, run) in zip(
+        results[:4],
+        ((8.0, 1.0, 2.0), (11.0, 3.0, 2.0), (18.0, 9.0, 4.0), (20.0, None, None)),
+        strict=True,
+    ):
+        r.server_ms, r.queue_ms, r.inference_ms = server, queue, run
+    s = summarize(results, 10.0, 1.0)
+    assert s["server_split_ms"]["queue"]["p50"] == pytest.approx(3.0)
+    assert s["server_split_ms"]["rest"]["p50"] == pytest.approx(5.0)  # of 5, 6, 5
+    assert s["late_server_split_ms"] == {
+        "queue": {"p50": 9.0}, "inference": {"p50": 4.0}, "rest": {"p50": 5.0}
+    }  # fmt: skip
+    assert "late answers' p50" in format_table(s)
+
+
 def test_csv_round_trip(tmp_path: Path) -> None:
     results = synthetic()
     results[0].first_answer_ms = 3.25
     results[1].server_ms = 7.125
+    results[1].queue_ms, results[1].inference_ms = 0.5, 2.25
     path = tmp_path / "results.csv"
     write_csv(path, results)
     back = read_csv(path)
