@@ -6,7 +6,8 @@ Definitions (every rate over ALL scheduled requests unless it says otherwise):
   sent request (other statuses, connection errors, timeouts, broken streams);
 - deadline hit rate: completed within the deadline / scheduled, so shed, failed and
   dropped requests all count as misses (a request without a deadline hits if completed);
-- latency percentiles: completed requests, from the scheduled time to the answer;
+- latency percentiles: completed requests, from the scheduled time (or the send time,
+  when the generator sent it up to a millisecond early) to the answer;
 - accuracy: correct answers / completed answers that could be checked against a label;
 - correct in time: correct answers within the deadline / scheduled (what an anytime
   service is for: a right answer, in time, for every request);
@@ -105,7 +106,7 @@ def summarize(
     errors = sent - len(completed) - shed
     met = sum(r.deadline_met for r in results)
     correct_in_time = sum(bool(r.deadline_met and r.correct) for r in results)
-    done_s = [r.scheduled_s + r.latency_ms / 1000.0 for r in results if r.latency_ms is not None]
+    done_s = [r.origin_s + r.latency_ms / 1000.0 for r in results if r.latency_ms is not None]
     send_s = [r.send_s for r in results if r.send_s is not None]
     window_done = max([duration_s, *done_s])
     window_sent = max([duration_s, *send_s])
@@ -115,7 +116,7 @@ def summarize(
         answers, acc = _accuracy(r for r in completed if r.column == column)
         by_column[str(column)] = {"answers": served[column], "checked": answers, "accuracy": acc}
     checked, accuracy = _accuracy(completed)
-    lags = [(r.send_s - r.scheduled_s) * 1000.0 for r in results if r.send_s is not None]
+    lags = [max(r.send_s - r.scheduled_s, 0.0) * 1000.0 for r in results if r.send_s is not None]
     firsts = [r.first_answer_ms for r in completed if r.first_answer_ms is not None]
     outside = [
         r.latency_ms - r.server_ms
