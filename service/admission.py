@@ -41,12 +41,28 @@ class ConcurrencyLimit:
     cut: float = 0.7
     early: float = 0.5
     late: float = 0.8
+    by_deadline: bool = False
+    """Scale the limit by each request's deadline against the typical one (below)."""
+    reference_ms: float | None = None
+    """The deadline the limit was learnt for: a running mean of answered requests' ones."""
+    smoothing: float = 0.05
     in_flight: int = 0
     last_cut_s: float = -math.inf
 
     @property
     def full(self) -> bool:
         return self.in_flight >= int(self.limit)
+
+    def full_for(self, deadline_ms: float) -> bool:
+        """Whether a request with this deadline is refused. With `by_deadline`, the limit
+        counts as requests per typical deadline (Little's law: what a server can hold and
+        still answer in time grows with the time it is given), so a request with twice the
+        typical deadline may find twice as many in, and one with half of it half as many.
+        With one deadline for all, that is the plain limit."""
+        if not self.by_deadline or self.reference_ms is None:
+            return self.full
+        allowed = int(self.limit * deadline_ms / self.reference_ms)
+        return self.in_flight >= max(allowed, 1)
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[Callable[[], None]]:
@@ -69,6 +85,8 @@ class ConcurrencyLimit:
 
     def outcome(self, seen_ms: float, deadline_ms: float, now_s: float, arrived_s: float) -> None:
         """An answer seen `seen_ms` after its request arrived (at `arrived_s`)."""
+        ref = self.reference_ms if self.reference_ms is not None else deadline_ms
+        self.reference_ms = ref + self.smoothing * (deadline_ms - ref)
         if seen_ms > self.late * deadline_ms:
             if arrived_s > self.last_cut_s:
                 self.limit = max(self.floor, self.limit * self.cut)

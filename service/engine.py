@@ -99,6 +99,7 @@ class Engine:
         self.admission = ConcurrencyLimit(
             limit=float(settings.max_batch_size * settings.inference_workers),
             ceiling=float(settings.queue_limit_images),
+            by_deadline=settings.admission_by_deadline,
         )
         self.loop_lag = LoopLag(clock, on_sample=lambda ms: metrics.loop_lag.observe(ms / 1e3))
         self._reload_lock = asyncio.Lock()
@@ -196,7 +197,8 @@ class Engine:
         if model is None or self.draining:
             return  # the route answers 503 not_ready or draining
         retry = self.settings.retry_after_s
-        if self.admission.full or self.batcher.queued_images >= self.settings.queue_limit_images:
+        queue_full = self.batcher.queued_images >= self.settings.queue_limit_images
+        if self.admission.full_for(deadline_ms) or queue_full:
             self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     """Refuse `/v1/classify` requests with a deadline at arrival when more are in than a
     limit learned from their outcomes, or when the event loop runs too late to meet the
     deadline (off: only the latency profile decides, after the body is read)."""
+    admission_by_deadline: bool = False
+    """Scale that limit by each request's deadline against the typical one: a request
+    with a long deadline may find more requests in than one with a short deadline."""
     retry_after_s: int = Field(default=1, ge=0)
     """Retry-After seconds on 503 and 429 answers."""
 

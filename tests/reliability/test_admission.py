@@ -55,6 +55,25 @@ def test_admitted_counts_in_flight() -> None:
     assert c.in_flight == 0 and not c.full
 
 
+def test_limit_by_deadline_follows_littles_law() -> None:
+    """Scaled by deadline, the limit is requests per typical deadline: twice the typical
+    deadline finds room for twice as many, half of it for half as many (at least one)."""
+    c = ConcurrencyLimit(limit=4.0, ceiling=100.0, by_deadline=True)
+    assert not c.full_for(1.0)  # nothing learnt yet: the plain limit
+    for _ in range(200):  # timely answers to 20 ms and 40 ms requests: typical 30 ms
+        for deadline in (20.0, 40.0):
+            c.outcome(seen_ms=0.6 * deadline, deadline_ms=deadline, now_s=0.0, arrived_s=0.0)
+    assert c.reference_ms == pytest.approx(30.0, abs=1.0) and c.limit == 4.0
+    c.in_flight = 4
+    assert c.full and c.full_for(30.0) and not c.full_for(60.0)
+    c.in_flight = 2
+    assert c.full_for(15.0) and not c.full_for(30.0)
+    c.in_flight = 0
+    assert not c.full_for(0.5)
+    plain = ConcurrencyLimit(limit=4.0, ceiling=100.0, reference_ms=30.0, in_flight=4)
+    assert plain.full_for(60.0)  # not scaled unless asked
+
+
 def test_an_admitted_request_can_let_its_slot_go_early() -> None:
     """A stream releases its slot once its first answer is out; the release counts once,
     however often it is called, and leaving the block does not count it again."""
