@@ -243,6 +243,13 @@ class Engine:
             self.settings.inference_workers,
         )
 
+    def _crowded(self, request: Request, model: LoadedModel) -> bool:
+        """Whether the request should get the quickest variant that fits rather than the
+        most accurate: one with a deadline, while the inference backlog is long."""
+        if request.deadline_ms is None:
+            return False
+        return self._backlog_ms(model) > self.settings.thrifty_backlog_ms
+
     def _remaining_ms(self, request: Request) -> float:
         if request.deadline_ms is None:
             return math.inf
@@ -317,7 +324,7 @@ class Engine:
             candidates = [model.fp32(model.columns).candidate]
         completion = self._completion(request, model)
         remaining = self._remaining_ms(request)
-        choice = choose_variant(candidates, remaining, completion)
+        choice = choose_variant(candidates, remaining, completion, self._crowded(request, model))
         late_ok = self.settings.best_effort
         if choice is None:
             if not late_ok:

@@ -69,11 +69,20 @@ def predict_completion_ms(
 
 
 def choose_variant(
-    candidates: Sequence[Candidate], budget_ms: float, completion_ms: Callable[[Candidate], float]
+    candidates: Sequence[Candidate],
+    budget_ms: float,
+    completion_ms: Callable[[Candidate], float],
+    thrifty: bool = False,
 ) -> Candidate | None:
-    """The candidate with the highest manifest accuracy predicted to finish in budget."""
+    """The candidate with the highest manifest accuracy predicted to finish in budget; when
+    `thrifty` (the server is crowded), the one predicted to finish first, so that a loaded
+    server gives up accuracy before it gives up answers (ties: the more accurate)."""
     fitting = [c for c in candidates if completion_ms(c) <= budget_ms]
-    return max(fitting, key=Candidate.rank) if fitting else None
+    if not fitting:
+        return None
+    if thrifty:
+        return min(fitting, key=lambda c: (completion_ms(c), tuple(-r for r in c.rank())))
+    return max(fitting, key=Candidate.rank)
 
 
 def next_stream_column(

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     """Refuse `/v1/classify` requests with a deadline at arrival when more are in than a
     limit learned from their outcomes, or when the event loop runs too late to meet the
     deadline (off: only the latency profile decides, after the body is read)."""
+    thrifty_backlog_ms: float = Field(default=0.5, ge=0)
+    """With more inference work than this queued and running (predicted ms), a request
+    with a deadline gets the variant predicted to finish first instead of the most
+    accurate one that fits: a busy server gives up accuracy before it gives up answers,
+    and deeper columns are served from spare capacity ("inf": always the most accurate)."""
     admission_by_deadline: bool = False
     """Scale that limit by each request's deadline against the typical one: a request
     with a long deadline may find more requests in than one with a short deadline."""

@@ -49,6 +49,15 @@ def test_choose_the_most_accurate_that_fits() -> None:
     assert choose_variant(CANDIDATES, 4.99, alone) is None
 
 
+def test_a_thrifty_choice_takes_what_finishes_first() -> None:
+    """A busy server gives up accuracy before answers: the quickest variant that fits (the
+    more accurate of equally quick ones), still None when nothing fits."""
+    assert choose_variant(CANDIDATES, math.inf, alone, thrifty=True).key == "column_1"  # type: ignore[union-attr]
+    twins = [Candidate("column_1", 1, "fp32", 0.7), Candidate("column_1_int8", 1, "int8", 0.72)]
+    assert choose_variant(twins, 10.0, lambda c: 5.0, thrifty=True).key == "column_1_int8"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, 4.99, alone, thrifty=True) is None
+
+
 def test_int8_wins_only_on_accuracy() -> None:
     int8_good = Candidate("column_2_int8", 2, "int8", 0.80)
     int8_worse = Candidate("column_2_int8", 2, "int8", 0.79)

@@ -8,6 +8,7 @@ import base64
 import gc
 import io
 import json
+import math
 import re
 import sys
 import threading
@@ -343,3 +344,32 @@ def test_gil_switch_interval_holds_while_serving_only(
     assert sys.getswitchinterval() == before
     with serve_in_thread(make_settings()):
         assert sys.getswitchinterval() == before  # unset: Python's own
+
+
+def test_a_busy_server_answers_with_the_quickest_column_that_fits(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """While column 4 runs (made to take 0.6 s), a request that could wait for the deepest
+    column gets column 1 instead: a busy server gives up accuracy first. With the thrifty
+    rule off it waits for the deepest."""
+    for backlog_ms, expected in ((0.5, 1), (math.inf, 4)):
+        with serve_in_thread(make_settings(thrifty_backlog_ms=backlog_ms)) as server:
+            model = server.engine.model
+            assert model is not None
+            deepest = model.variants["column_4"]
+            run = deepest.run
+
+            def slow(images: np.ndarray, _run: Any = run) -> Any:
+                time.sleep(0.6)
+                return _run(images)
+
+            deepest.run = slow  # type: ignore[method-assign]
+            with server.client() as busy, server.client() as client:
+                blocker = threading.Thread(
+                    target=lambda: classify(busy, image, **{"X-Column": "4"})
+                )
+                blocker.start()
+                time.sleep(0.2)  # column 4 is running
+                answer = classify(client, image, **{"X-Deadline-Ms": "5000"})
+                blocker.join()
+            assert answer.status_code == 200 and answer.json()["column"] == expected
