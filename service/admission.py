@@ -85,8 +85,9 @@ class ConcurrencyLimit:
 
     def outcome(self, seen_ms: float, deadline_ms: float, now_s: float, arrived_s: float) -> None:
         """An answer seen `seen_ms` after its request arrived (at `arrived_s`)."""
-        ref = self.reference_ms if self.reference_ms is not None else deadline_ms
-        self.reference_ms = ref + self.smoothing * (deadline_ms - ref)
+        if self.by_deadline:
+            ref = self.reference_ms if self.reference_ms is not None else deadline_ms
+            self.reference_ms = ref + self.smoothing * (deadline_ms - ref)
         if seen_ms > self.late * deadline_ms:
             if arrived_s > self.last_cut_s:
                 self.limit = max(self.floor, self.limit * self.cut)

@@ -77,12 +77,12 @@ def choose_variant(
     """The candidate with the highest manifest accuracy predicted to finish in budget; when
     `thrifty` (the server is crowded), the one predicted to finish first, so that a loaded
     server gives up accuracy before it gives up answers (ties: the more accurate)."""
-    fitting = [c for c in candidates if completion_ms(c) <= budget_ms]
+    fitting = [(ms, c) for c in candidates if (ms := completion_ms(c)) <= budget_ms]
     if not fitting:
         return None
     if thrifty:
-        return min(fitting, key=lambda c: (completion_ms(c), tuple(-r for r in c.rank())))
-    return max(fitting, key=Candidate.rank)
+        return min(fitting, key=lambda f: (f[0], tuple(-r for r in f[1].rank())))[1]
+    return max((c for _, c in fitting), key=Candidate.rank)
 
 
 def next_stream_column(
