@@ -159,6 +159,24 @@ class ColumnNet(nn.Module):
         return self.net(x, column=self.column)
 
 
+def tune_only(net: FractalNet, column: int) -> int:
+    """Leave only `column`'s conv units trainable (their BatchNorm included) and return how
+    many parameters that is. Columns share no weights, so with the shared classifier
+    frozen too, training column k alone leaves every other column's answers as they were.
+    """
+    if not 1 <= column <= net.config.columns:
+        raise ValueError(f"column must lie in 1..{net.config.columns}, got {column}")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    trainable = 0
+    for block in net.blocks:
+        assert isinstance(block, FractalBlock)
+        for p in block.columns[column - 1].parameters():
+            p.requires_grad_(True)
+            trainable += p.numel()
+    return trainable
+
+
 def column_parameters(net: FractalNet, column: int) -> int:
     """Parameters used by `column` alone (its conv units, their BN, and the head)."""
     total = sum(p.numel() for p in net.head.parameters())

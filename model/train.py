@@ -27,7 +27,7 @@ from torch import nn
 
 from model.config import PRESETS, FractalConfig, preset
 from model.data import DATASETS, Split, augment_batch, channel_stats, load_split, to_tensor
-from model.network import FractalNet
+from model.network import FractalNet, tune_only
 from model.recalibrate import recalibrate_batchnorm
 
 log = logging.getLogger("model.train")
@@ -108,6 +108,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --resume: restart the learning-rate steps at the resumed epoch (a warm "
         "restart: the remaining epochs follow the schedule of a run that long)",
+    )
+    p.add_argument(
+        "--tune-column",
+        type=int,
+        metavar="K",
+        help="train column K alone, every mini-batch (a fine-tuning stage after drop-path "
+        "training): the other columns and the classifier are frozen, so their answers stay "
+        "as they were",
     )
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this long")
     p.add_argument("--no-progress", action="store_true")
@@ -247,6 +255,14 @@ def train(args: argparse.Namespace) -> Path:
     net = FractalNet(config, seed=args.seed).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if args.tune_column is not None:
+        log.info(
+            "tuning column %d alone: %d trainable parameters",
+            args.tune_column,
+            tune_only(net, args.tune_column),
+        )
+    # Every parameter is in the optimizer, frozen or not, so a checkpoint's optimizer state
+    # loads whichever stage wrote it; SGD skips a parameter without a gradient.
     optimizer = torch.optim.SGD(
         net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
@@ -315,7 +331,7 @@ def train(args: argparse.Namespace) -> Path:
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                logits = model(x)
+                logits = model(x, column=args.tune_column)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -149,3 +149,25 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert a["drop_rng"] == b["drop_rng"]
     assert torch.equal(a["torch_rng"][0]["cpu"], b["torch_rng"][0]["cpu"])
     assert len((stopped / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_tuning_one_column_leaves_the_others_as_they_were(tmp_path: Path) -> None:
+    """`--tune-column 2` trains column 2 alone: its answers change, and every other
+    column's (and the classifier's weights) stay bit for bit what they were."""
+    out = tmp_path / "run"
+    common = [*SYNTHETIC, "--eval-every", "9", "--out", str(out)]
+    train(parse_args([*common, "--epochs", "1"]))
+    before = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt")).eval()
+    train(parse_args([*common, "--epochs", "3", "--resume", "--tune-column", "2"]))
+    after = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt")).eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        for column in range(1, before.config.columns + 1):
+            same = torch.equal(before(x, column=column), after(x, column=column))
+            assert same == (column != 2), column
+    assert torch.equal(before.head.weight, after.head.weight)
+
+
+def test_tune_column_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"column must lie in 1\.\.4"):
+        train(parse_args([*SYNTHETIC, "--tune-column", "5", "--out", str(tmp_path / "r")]))
