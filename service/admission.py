@@ -33,6 +33,17 @@ class ConcurrencyLimit:
     have been in time. Aiming under 80% of the deadline leaves the rest for what the
     server cannot see: the time a request waits in the network and the kernel on either
     side.
+
+    The limit moves only while it is engaged: while at least `engaged` of it is in
+    flight. A late answer with few requests in says the lateness came from elsewhere (a
+    burst of arrivals, the machine, the network), not from admitting too many, and cutting
+    a limit that does not bind only makes it bind later, refusing requests that would have
+    been in time. Likewise an early answer with few in says nothing about room for more
+    (TCP grows its window only while the window is used, RFC 7661, for the same reason).
+    And it is cut only while late answers are common (over `late_share_max` of recent
+    ones): under a moderate Poisson load a few answers in a hundred run late, in bursts
+    that fill the server for a moment and pass, and a cut for each burst ratchets the
+    limit down until it refuses every burst; under overload most answers are late.
     """
 
     limit: float
@@ -41,6 +52,10 @@ class ConcurrencyLimit:
     cut: float = 0.7
     early: float = 0.5
     late: float = 0.8
+    engaged: float = 0.5
+    late_share_max: float = 0.2
+    late_share: float = 0.0
+    """Running mean (by `smoothing`) of the share of answers over `late`."""
     by_deadline: bool = False
     """Scale the limit by each request's deadline against the typical one (below)."""
     reference_ms: float | None = None
@@ -88,8 +103,12 @@ class ConcurrencyLimit:
         if self.by_deadline:
             ref = self.reference_ms if self.reference_ms is not None else deadline_ms
             self.reference_ms = ref + self.smoothing * (deadline_ms - ref)
-        if seen_ms > self.late * deadline_ms:
-            if arrived_s > self.last_cut_s:
+        late = seen_ms > self.late * deadline_ms
+        self.late_share += self.smoothing * (float(late) - self.late_share)
+        if self.in_flight < self.engaged * self.limit:
+            return
+        if late:
+            if self.late_share > self.late_share_max and arrived_s > self.last_cut_s:
                 self.limit = max(self.floor, self.limit * self.cut)
                 self.last_cut_s = now_s
         elif seen_ms < self.early * deadline_ms:

@@ -14,7 +14,7 @@ from tests.support import ThreadServer, image_bytes, metric_value
 
 
 def test_limit_grows_by_one_per_round_of_timely_answers() -> None:
-    c = ConcurrencyLimit(limit=4.0, ceiling=100.0)
+    c = ConcurrencyLimit(limit=4.0, ceiling=100.0, engaged=0.0, late_share_max=0.0)
     for _ in range(4):
         c.outcome(seen_ms=10.0, deadline_ms=100.0, now_s=0.0, arrived_s=0.0)
     assert c.limit == pytest.approx(5.0, abs=0.1)
@@ -26,7 +26,7 @@ def test_limit_is_cut_once_for_the_requests_in_flight_at_a_cut() -> None:
     """After a stall every request in flight is late together: the first late answer cuts
     the limit; the others arrived before that cut and say nothing new. A late answer to a
     request admitted after the cut does cut again (the overload goes on)."""
-    c = ConcurrencyLimit(limit=10.0, ceiling=100.0)
+    c = ConcurrencyLimit(limit=10.0, ceiling=100.0, engaged=0.0, late_share_max=0.0)
     c.outcome(seen_ms=90.0, deadline_ms=100.0, now_s=1.0, arrived_s=0.95)
     assert c.limit == pytest.approx(7.0)
     for k in range(10):  # in flight at the cut, answered over the next 100 ms
@@ -37,13 +37,43 @@ def test_limit_is_cut_once_for_the_requests_in_flight_at_a_cut() -> None:
 
 
 def test_limit_stays_within_its_bounds() -> None:
-    c = ConcurrencyLimit(limit=2.0, ceiling=3.0)
+    c = ConcurrencyLimit(limit=2.0, ceiling=3.0, engaged=0.0, late_share_max=0.0)
     for i in range(20):
         c.outcome(seen_ms=500.0, deadline_ms=100.0, now_s=float(i), arrived_s=i - 0.5)
     assert c.limit == 1.0
     for _ in range(100):
         c.outcome(seen_ms=1.0, deadline_ms=100.0, now_s=100.0, arrived_s=100.0)
     assert c.limit == 3.0
+
+
+def test_limit_moves_only_while_it_is_engaged() -> None:
+    """With fewer than half the limit in flight, a late answer was not late for having
+    admitted too many, and an early one shows no need for more: the limit holds. With half
+    or more in, it is cut and grown as before."""
+    c = ConcurrencyLimit(limit=10.0, ceiling=100.0, late_share_max=0.0)
+    c.in_flight = 4
+    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.0, arrived_s=0.9)
+    c.outcome(seen_ms=1.0, deadline_ms=100.0, now_s=1.0, arrived_s=0.9)
+    assert c.limit == 10.0
+    c.in_flight = 5
+    c.outcome(seen_ms=1.0, deadline_ms=100.0, now_s=1.0, arrived_s=0.9)
+    assert c.limit == pytest.approx(10.1)
+    c.in_flight = 6
+    c.outcome(seen_ms=150.0, deadline_ms=100.0, now_s=1.0, arrived_s=0.9)
+    assert c.limit == pytest.approx(7.07)
+
+
+def test_limit_is_cut_only_while_late_answers_are_common() -> None:
+    """A few late answers among many in time (a burst under moderate load) leave the
+    limit alone; a run of late ones (overload) cuts it."""
+    c = ConcurrencyLimit(limit=10.0, ceiling=10.0, in_flight=10)
+    for i in range(100):
+        late = i % 20 == 0  # 5% late
+        c.outcome(150.0 if late else 60.0, 100.0, now_s=float(i), arrived_s=i - 0.05)
+    assert c.limit == 10.0
+    for i in range(100, 110):
+        c.outcome(150.0, 100.0, now_s=float(i), arrived_s=i - 0.05)
+    assert c.limit < 10.0 * 0.7
 
 
 def test_admitted_counts_in_flight() -> None:
