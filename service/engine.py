@@ -101,6 +101,9 @@ class Engine:
             ceiling=float(settings.queue_limit_images),
             by_deadline=settings.admission_by_deadline,
         )
+        # Read at scrape time: nothing on the request path.
+        metrics.admission_limit.set_function(lambda: self.admission.limit)
+        metrics.admission_in_flight.set_function(lambda: self.admission.in_flight)
         self.loop_lag = LoopLag(clock, on_sample=lambda ms: metrics.loop_lag.observe(ms / 1e3))
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(

@@ -105,6 +105,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.admission_limit = Gauge(
+            "fractal_admission_limit",
+            "Requests with a deadline admitted at once: the learnt concurrency limit",
+            registry=r,
+        )
+        self.admission_in_flight = Gauge(
+            "fractal_admission_in_flight",
+            "Requests with a deadline admitted and not yet answered",
+            registry=r,
+        )
         self.model_info = Info("fractal_model", "The model being served", registry=r)
         self.ready = Gauge("fractal_ready", "1 when the server reports ready", registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

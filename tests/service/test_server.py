@@ -25,7 +25,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.tests_support import png_bytes, read_sse
-from tests.support import MADE_REQUEST_ID, serve_in_thread
+from tests.support import MADE_REQUEST_ID, metric_value, serve_in_thread
 
 
 def classify(client: httpx.Client, image: bytes, **headers: str) -> httpx.Response:
@@ -290,6 +290,11 @@ def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
     assert 'fractal_deadline_outcomes_total{outcome="shed"}' in text
     assert 'fractal_model_info{columns="4",name="tiny",version="test"} 1.0' in text
     assert "fractal_inference_duration_seconds_bucket" in text
+    # Both answered, with few in flight: the limit has not moved from where it starts.
+    settings = live.engine.settings
+    start = settings.max_batch_size * settings.inference_workers
+    assert metric_value(text, "fractal_admission_limit") == start
+    assert metric_value(text, "fractal_admission_in_flight") == 0
     lag_samples = [
         ln for ln in text.splitlines() if ln.startswith("fractal_event_loop_lag_seconds_count")
     ]
