@@ -58,6 +58,8 @@ def test_panels_the_issue_asks_for() -> None:
     assert "by (outcome) (rate(fractal_deadline_outcomes_total" in exprs(outcomes)
     assert "fractal_batch_size" in exprs(panel_named("batch size"))
     assert "fractal_queue_depth" in exprs(panel_named("queue depth"))
+    admission = exprs(panel_named("concurrency limit"))
+    assert "fractal_admission_limit" in admission and "fractal_admission_in_flight" in admission
 
 
 def test_panels_are_well_formed() -> None:
