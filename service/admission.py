@@ -39,7 +39,8 @@ class ConcurrencyLimit:
     burst of arrivals, the machine, the network), not from admitting too many, and cutting
     a limit that does not bind only makes it bind later, refusing requests that would have
     been in time. Likewise an early answer with few in says nothing about room for more
-    (TCP grows its window only while the window is used, RFC 7661, for the same reason).
+    (TCP grows its window only while the window is used, RFC 7661, for the same reason),
+    except below where the limit started: after an overload it grows back there freely.
     And it is cut only while late answers are common (over `late_share_max` of recent
     ones): under a moderate Poisson load a few answers in a hundred run late, in bursts
     that fill the server for a moment and pass, and a cut for each burst ratchets the
@@ -56,6 +57,9 @@ class ConcurrencyLimit:
     late_share_max: float = 0.2
     late_share: float = 0.0
     """Running mean (by `smoothing`) of the share of answers over `late`."""
+    start: float = 0.0
+    """Where the limit starts (by default its first value): it may grow back to here
+    whether engaged or not, so that it recovers after an overload."""
     by_deadline: bool = False
     """Scale the limit by each request's deadline against the typical one (below)."""
     reference_ms: float | None = None
@@ -63,6 +67,9 @@ class ConcurrencyLimit:
     smoothing: float = 0.05
     in_flight: int = 0
     last_cut_s: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.start = self.start or self.limit
 
     @property
     def full(self) -> bool:
@@ -105,13 +112,12 @@ class ConcurrencyLimit:
             self.reference_ms = ref + self.smoothing * (deadline_ms - ref)
         late = seen_ms > self.late * deadline_ms
         self.late_share += self.smoothing * (float(late) - self.late_share)
-        if self.in_flight < self.engaged * self.limit:
-            return
+        engaged = self.in_flight >= self.engaged * self.limit
         if late:
-            if self.late_share > self.late_share_max and arrived_s > self.last_cut_s:
+            if engaged and self.late_share > self.late_share_max and arrived_s > self.last_cut_s:
                 self.limit = max(self.floor, self.limit * self.cut)
                 self.last_cut_s = now_s
-        elif seen_ms < self.early * deadline_ms:
+        elif seen_ms < self.early * deadline_ms and (engaged or self.limit < self.start):
             self.limit = min(self.ceiling, self.limit + 1.0 / self.limit)
 
 

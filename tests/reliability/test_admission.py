@@ -63,6 +63,20 @@ def test_limit_moves_only_while_it_is_engaged() -> None:
     assert c.limit == pytest.approx(7.07)
 
 
+def test_limit_recovers_to_where_it_started_with_few_in_flight() -> None:
+    """After an overload cut it to its floor, answers in time grow it back to its start
+    even with one request in at a time; past the start it grows only while engaged."""
+    c = ConcurrencyLimit(limit=8.0, ceiling=100.0, floor=1.0, late_share_max=0.0)
+    c.in_flight = 8
+    for i in range(12):
+        c.outcome(150.0, 100.0, now_s=float(i), arrived_s=i - 0.05)
+    assert c.limit == 1.0
+    c.in_flight = 1
+    for i in range(200):
+        c.outcome(10.0, 100.0, now_s=20.0 + i, arrived_s=20.0 + i)
+    assert 8.0 <= c.limit < 8.2
+
+
 def test_limit_is_cut_only_while_late_answers_are_common() -> None:
     """A few late answers among many in time (a burst under moderate load) leave the
     limit alone; a run of late ones (overload) cuts it."""
