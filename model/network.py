@@ -19,6 +19,7 @@ What we do differently, and why:
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -159,6 +160,13 @@ class ColumnNet(nn.Module):
         return self.net(x, column=self.column)
 
 
+def _column_unit_parameters(net: FractalNet, column: int) -> Iterator[nn.Parameter]:
+    """The parameters of `column`'s conv units (their BatchNorm included), in every block."""
+    for block in net.blocks:
+        assert isinstance(block, FractalBlock)
+        yield from block.columns[column - 1].parameters()
+
+
 def tune_only(net: FractalNet, column: int) -> int:
     """Leave only `column`'s conv units trainable (their BatchNorm included) and return how
     many parameters that is. Columns share no weights, so with the shared classifier
@@ -166,21 +174,15 @@ def tune_only(net: FractalNet, column: int) -> int:
     """
     if not 1 <= column <= net.config.columns:
         raise ValueError(f"column must lie in 1..{net.config.columns}, got {column}")
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net.requires_grad_(False)
     trainable = 0
-    for block in net.blocks:
-        assert isinstance(block, FractalBlock)
-        for p in block.columns[column - 1].parameters():
-            p.requires_grad_(True)
-            trainable += p.numel()
+    for p in _column_unit_parameters(net, column):
+        p.requires_grad_(True)
+        trainable += p.numel()
     return trainable
 
 
 def column_parameters(net: FractalNet, column: int) -> int:
     """Parameters used by `column` alone (its conv units, their BN, and the head)."""
-    total = sum(p.numel() for p in net.head.parameters())
-    for block in net.blocks:
-        assert isinstance(block, FractalBlock)
-        total += sum(p.numel() for p in block.columns[column - 1].parameters())
-    return total
+    head = sum(p.numel() for p in net.head.parameters())
+    return head + sum(p.numel() for p in _column_unit_parameters(net, column))

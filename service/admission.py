@@ -57,9 +57,9 @@ class ConcurrencyLimit:
     late_share_max: float = 0.2
     late_share: float = 0.0
     """Running mean (by `smoothing`) of the share of answers over `late`."""
-    start: float = 0.0
-    """Where the limit starts (by default its first value): it may grow back to here
-    whether engaged or not, so that it recovers after an overload."""
+    start: float = field(init=False)
+    """Where the limit started: it may grow back to here whether engaged or not, so that
+    it recovers after an overload."""
     by_deadline: bool = False
     """Scale the limit by each request's deadline against the typical one (below)."""
     reference_ms: float | None = None
@@ -69,7 +69,7 @@ class ConcurrencyLimit:
     last_cut_s: float = -math.inf
 
     def __post_init__(self) -> None:
-        self.start = self.start or self.limit
+        self.start = self.limit
 
     @property
     def full(self) -> bool:

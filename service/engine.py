@@ -246,12 +246,14 @@ class Engine:
             self.settings.inference_workers,
         )
 
-    def _crowded(self, request: Request, model: LoadedModel) -> bool:
+    def _crowded(self, request: Request, model: LoadedModel, choices: int) -> bool:
         """Whether the request should get the quickest variant that fits rather than the
-        most accurate: one with a deadline, while the inference backlog is long."""
-        if request.deadline_ms is None:
+        most accurate: one with a deadline and a choice to make, while the inference
+        backlog is long. The backlog walks every queue, so it is measured only then."""
+        threshold = self.settings.thrifty_backlog_ms
+        if request.deadline_ms is None or choices < 2 or math.isinf(threshold):
             return False
-        return self._backlog_ms(model) > self.settings.thrifty_backlog_ms
+        return self._backlog_ms(model) > threshold
 
     def _remaining_ms(self, request: Request) -> float:
         if request.deadline_ms is None:
@@ -327,7 +329,8 @@ class Engine:
             candidates = [model.fp32(model.columns).candidate]
         completion = self._completion(request, model)
         remaining = self._remaining_ms(request)
-        choice = choose_variant(candidates, remaining, completion, self._crowded(request, model))
+        crowded = self._crowded(request, model, len(candidates))
+        choice = choose_variant(candidates, remaining, completion, crowded)
         late_ok = self.settings.best_effort
         if choice is None:
             if not late_ok:

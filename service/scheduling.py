@@ -81,7 +81,7 @@ def choose_variant(
     if not fitting:
         return None
     if thrifty:
-        return min(fitting, key=lambda f: (f[0], tuple(-r for r in f[1].rank())))[1]
+        return max(fitting, key=lambda f: (-f[0], f[1].rank()))[1]
     return max((c for _, c in fitting), key=Candidate.rank)
 
 
