@@ -8,13 +8,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from service.deps import EngineDep, admit_inference
 from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
 from service.errors import INTERNAL_ERROR, NotFound, ServiceError
 from service.imaging import declared_pixels
+from service.protocol import EVENT_STREAM
 from service.requests import (
     DEADLINE_HEADER,
     INLINE_DECODE_PIXELS,
@@ -28,6 +29,7 @@ from service.requests import (
     read_body,
 )
 from service.responses import answer_body, column_event, done_event, model_card
+from service.sse import EventStreamResponse
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -84,7 +86,7 @@ async def classify(request: Request) -> Response:
     else:
         images = await asyncio.to_thread(decode_images, encoded, model, settings)
     req = EngineRequest(images, arrival, deadline, column, precision, threshold)
-    if "text/event-stream" in headers.get("accept", ""):
+    if EVENT_STREAM in headers.get("accept", ""):
         return await _stream(request, engine, req)
     try:
         answer = await engine.classify(req)
@@ -138,11 +140,7 @@ async def _stream(request: Request, engine: Engine, req: EngineRequest) -> Respo
         finally:
             await events.aclose()
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStreamResponse(body(), {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _render(request: Request, event: StreamEvent, deadline_ms: float | None) -> bytes:
