@@ -35,6 +35,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+TIMER_GRANULARITY_MS = 1.0
+"""How late an event loop timer may fire (epoll waits in whole milliseconds)."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -260,6 +263,12 @@ class Engine:
             return math.inf
         return self._remaining_until(request.deadline_s)
 
+    def _send_by_ms(self, request: Request) -> float:
+        """How long an answer may still take and leave in time: the budget left, less the
+        event loop's lag on the way out and a timer's granularity (a wait wakes up to a
+        millisecond late)."""
+        return self._remaining_ms(request) - self.loop_lag.lag_ms - TIMER_GRANULARITY_MS
+
     def _remaining_until(self, deadline_s: float) -> float:
         return (deadline_s - self.clock()) * 1000.0 - self.settings.deadline_margin_ms
 
@@ -290,9 +299,11 @@ class Engine:
         late_ok: bool,
         order_s: float | None = None,
         first: bool = False,
+        wait_ms: float = math.inf,
     ) -> ColumnAnswer:
         """One run of `variant` for the request. For a request's `first` run, being
-        dropped as late while queued counts as shed."""
+        dropped as late while queued counts as shed. A run not done within `wait_ms` is
+        given up (Unavailable; its job is cancelled, or its result ignored if it runs)."""
         job = Job(
             variant,
             request.images,
@@ -304,7 +315,12 @@ class Engine:
         if not self.batcher.run_now(job):
             self.batcher.submit(job)
         try:
-            result: JobResult = await job.future
+            if wait_ms == math.inf:
+                result: JobResult = await job.future
+            else:
+                result = await asyncio.wait_for(job.future, max(wait_ms, 0.0) / 1000.0)
+        except TimeoutError:
+            raise Unavailable("not done by the deadline", reason="deadline") from None
         except Unavailable:
             if first:
                 self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
@@ -416,8 +432,11 @@ class Engine:
                 reason = "deadline"
                 break
             try:
-                answer = await self._run(request, model.variants[nxt.key], late_ok)
-            except Unavailable:  # it fell behind while queued: the last answer stands
+                # A deeper answer is worth waiting for only until the deadline: the last
+                # one stands if it falls behind, and the client has it in time.
+                wait = math.inf if late_ok else self._send_by_ms(request)
+                answer = await self._run(request, model.variants[nxt.key], late_ok, wait_ms=wait)
+            except Unavailable:
                 reason = "deadline"
                 break
             run.append(nxt.column)

@@ -64,7 +64,7 @@ def answer_from_json(payload: Any, server_ms: Any = None) -> Answer:
     return Answer(
         column=int(column) if isinstance(column, int | float) else None,
         class_name=str(payload["class_name"]),
-        server_ms=_number(payload.get("elapsed_ms", server_ms)),
+        server_ms=_number(payload.get("elapsed_ms") if server_ms is None else server_ms),
     )
 
 

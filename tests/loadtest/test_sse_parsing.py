@@ -29,7 +29,9 @@ def test_headers() -> None:
 
 
 def test_sse_events_and_final_answer() -> None:
-    final = {"column": 3, "class_name": "cat", "confidence": 0.9}
+    # the final column's own elapsed time (9.0) is when it was answered; the stream's
+    # (12.5, in `done`) is the server's time for the whole request
+    final = {"column": 3, "class_name": "cat", "confidence": 0.9, "elapsed_ms": 9.0}
     text = (
         ": a comment\n"
         "event: prediction\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import io
 import json
@@ -13,7 +14,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -246,22 +247,32 @@ def test_same_answer_whatever_the_batch(live: Any) -> None:
         assert np.allclose([x["probability"] for x in a], [x["probability"] for x in b], atol=1e-5)
 
 
-def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
-    """A client that leaves after the first answer costs no deeper runs."""
-    model = live.engine.model
+@contextlib.contextmanager
+def slowed(model: Any, columns: tuple[int, ...], seconds: float) -> Iterator[list[int]]:
+    """Make the fp32 runs of `columns` sleep `seconds` first; yields the columns run."""
     calls: list[int] = []
     originals = {}
-    for key in ("column_2", "column_3", "column_4"):
-        variant = model.variants[key]
-        originals[key] = variant.run
+    for column in columns:
+        variant = model.variants[f"column_{column}"]
+        originals[column] = variant.run
 
         def slow(images: np.ndarray, _v: Any = variant, _run: Any = variant.run) -> Any:
             calls.append(_v.column)
-            time.sleep(0.4)
+            time.sleep(seconds)
             return _run(images)
 
         variant.run = slow
     try:
+        yield calls
+    finally:
+        time.sleep(seconds + 0.1)  # a slowed run still going must not reach the next test
+        for column, run in originals.items():
+            model.variants[f"column_{column}"].run = run
+
+
+def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
+    """A client that leaves after the first answer costs no deeper runs."""
+    with slowed(live.engine.model, (2, 3, 4), 0.4) as calls:
         with (
             httpx.Client(timeout=10) as c,
             c.stream(
@@ -276,9 +287,24 @@ def test_disconnect_drops_deeper_work(live: Any, image: bytes) -> None:
                     break
         time.sleep(1.5)
         assert calls in ([], [2]), calls  # column 2 may have started; nothing after it
-    finally:
-        for key, run in originals.items():
-            model.variants[key].run = run
+
+
+def test_a_stream_is_done_by_its_deadline_when_a_deeper_run_falls_behind(
+    live: Any, image: bytes
+) -> None:
+    """The plan for 500 ms is columns 1, 2, 3; column 3 takes 0.9 s instead of 0.3: the
+    stream ends at the deadline with column 2's answer instead of waiting for it."""
+    with slowed(live.engine.model, (3,), 0.9) as calls:
+        start = time.perf_counter()
+        events = read_sse(live.url, image, {"X-Deadline-Ms": "500"})
+        took_ms = (time.perf_counter() - start) * 1000.0
+    assert calls == [3]
+    assert [d["column"] for k, d in events if k == "prediction"] == [1, 2]
+    kind, done = events[-1]
+    assert kind == "done" and done["reason"] == "deadline"
+    assert done["final"]["column"] == 2 and done["columns_run"] == [1, 2]
+    assert done["deadline_met"] and done["elapsed_ms"] <= 500, done["elapsed_ms"]
+    assert took_ms < 800  # not 0.9 s of column 3 after columns 1 and 2
 
 
 def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
