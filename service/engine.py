@@ -346,7 +346,8 @@ class Engine:
         completion = self._completion(request, model)
         remaining = self._remaining_ms(request)
         crowded = self._crowded(request, model, len(candidates))
-        choice = choose_variant(candidates, remaining, completion, crowded)
+        within = self.settings.thrifty_within_ms if crowded else None
+        choice = choose_variant(candidates, remaining, completion, within)
         late_ok = self.settings.best_effort
         if choice is None:
             if not late_ok:

@@ -72,16 +72,20 @@ def choose_variant(
     candidates: Sequence[Candidate],
     budget_ms: float,
     completion_ms: Callable[[Candidate], float],
-    thrifty: bool = False,
+    thrifty_within_ms: float | None = None,
 ) -> Candidate | None:
-    """The candidate with the highest manifest accuracy predicted to finish in budget; when
-    `thrifty` (the server is crowded), the one predicted to finish first, so that a loaded
-    server gives up accuracy before it gives up answers (ties: the more accurate)."""
+    """The candidate with the highest manifest accuracy predicted to finish in budget.
+
+    Thrifty (`thrifty_within_ms` given: the server is crowded), only candidates predicted to
+    finish within that many ms of the quickest one compete, so that a loaded server gives
+    up accuracy before it gives up answers, but not for a saving too small to matter
+    (0: the quickest; ties go to the more accurate)."""
     fitting = [(ms, c) for c in candidates if (ms := completion_ms(c)) <= budget_ms]
     if not fitting:
         return None
-    if thrifty:
-        return max(fitting, key=lambda f: (-f[0], f[1].rank()))[1]
+    if thrifty_within_ms is not None:
+        by = min(ms for ms, _ in fitting) + thrifty_within_ms
+        return max((c for ms, c in fitting if ms <= by), key=Candidate.rank)
     return max((c for _, c in fitting), key=Candidate.rank)
 
 

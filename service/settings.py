@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     with a deadline gets the variant predicted to finish first instead of the most
     accurate one that fits: a busy server gives up accuracy before it gives up answers,
     and deeper columns are served from spare capacity ("inf": always the most accurate)."""
+    thrifty_within_ms: float = Field(default=0.0, ge=0)
+    """When thrifty, a variant predicted to finish at most this much later than the quickest
+    one still competes on accuracy (0: always the quickest)."""
     admission_by_deadline: bool = False
     """Scale that limit by each request's deadline against the typical one: a request
     with a long deadline may find more requests in than one with a short deadline."""

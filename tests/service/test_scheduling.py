@@ -52,10 +52,20 @@ def test_choose_the_most_accurate_that_fits() -> None:
 def test_a_thrifty_choice_takes_what_finishes_first() -> None:
     """A busy server gives up accuracy before answers: the quickest variant that fits (the
     more accurate of equally quick ones), still None when nothing fits."""
-    assert choose_variant(CANDIDATES, math.inf, alone, thrifty=True).key == "column_1"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, math.inf, alone, 0.0).key == "column_1"  # type: ignore[union-attr]
     twins = [Candidate("column_1", 1, "fp32", 0.7), Candidate("column_1_int8", 1, "int8", 0.72)]
-    assert choose_variant(twins, 10.0, lambda c: 5.0, thrifty=True).key == "column_1_int8"  # type: ignore[union-attr]
-    assert choose_variant(CANDIDATES, 4.99, alone, thrifty=True) is None
+    assert choose_variant(twins, 10.0, lambda c: 5.0, 0.0).key == "column_1_int8"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, 4.99, alone, 0.0) is None
+
+
+def test_a_thrifty_choice_takes_accuracy_that_costs_little_time() -> None:
+    """Within `thrifty_within_ms` of the quickest, the most accurate competes: column 2
+    finishes 15 ms after column 1, column 3 55 ms after."""
+    assert choose_variant(CANDIDATES, math.inf, alone, 14.9).key == "column_1"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, math.inf, alone, 15.0).key == "column_2"  # type: ignore[union-attr]
+    assert choose_variant(CANDIDATES, math.inf, alone, 55.0).key == "column_3"  # type: ignore[union-attr]
+    # The budget still rules: within the margin but not in time is out.
+    assert choose_variant(CANDIDATES, 19.9, alone, 55.0).key == "column_1"  # type: ignore[union-attr]
 
 
 def test_int8_wins_only_on_accuracy() -> None:
