@@ -258,6 +258,14 @@ class Engine:
             return False
         return self._backlog_ms(model) > threshold
 
+    def _busy(self, model: LoadedModel) -> bool:
+        """Too busy to refine a stream: inference work waiting, or an event loop running
+        late (the CPU is taken, by requests or by other processes)."""
+        return (
+            self.loop_lag.lag_ms > self.settings.stream_refine_lag_ms
+            or self._backlog_ms(model) > self.settings.stream_refine_backlog_ms
+        )
+
     def _remaining_ms(self, request: Request) -> float:
         if request.deadline_ms is None:
             return math.inf
@@ -414,11 +422,7 @@ class Engine:
                 break
             if answer.variant.column == model.columns:
                 break
-            if (
-                urgent_first
-                and request.deadline_ms is not None
-                and self._backlog_ms(model) > self.settings.stream_refine_backlog_ms
-            ):
+            if urgent_first and request.deadline_ms is not None and self._busy(model):
                 # Refinement uses spare capacity only: under load, deeper runs would
                 # delay other streams' first answers and single answers.
                 reason = "load"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
     """A stream goes deeper after an answer only while the inference backlog (running and
     queued work) is at most this many ms: refinement uses spare capacity, so that under load
     first answers and single answers are not delayed by other streams' deeper runs."""
+    stream_refine_lag_ms: float = Field(default=math.inf, ge=0)
+    """A stream goes deeper only while the event loop's lag (smoothed) is at most this many
+    ms: a late loop means the CPU is taken even when no inference work is waiting
+    ("inf": the lag does not matter)."""
     default_deadline_ms: float | None = Field(default=None, gt=0)
     """Deadline for requests without X-Deadline-Ms; None: no deadline (deepest column)."""
     best_effort: bool = False

@@ -109,6 +109,16 @@ def test_stream_stops_at_the_deadline(live: Any, image: bytes) -> None:
     assert events[-1][0] == "done" and events[-1][1]["reason"] == "deadline"
 
 
+def test_a_stream_does_not_go_deeper_while_the_event_loop_runs_late(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """With the lag bound at 0 any lag counts as busy: column 1, then `done` (`load`)."""
+    with serve_in_thread(make_settings(stream_refine_lag_ms=0.0)) as server:
+        events = read_sse(server.url, image, {"X-Deadline-Ms": "5000"})
+    assert [d["column"] for k, d in events if k == "prediction"] == [1]
+    assert events[-1][0] == "done" and events[-1][1]["reason"] == "load"
+
+
 def test_stream_skips_a_middle_column_that_would_cost_a_deeper_one(live: Any, image: bytes) -> None:
     # After column 1 about 330 ms remain: column 3 (300) fits, column 2 then 3 (400)
     # does not, so column 2 is skipped.
