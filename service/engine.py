@@ -323,10 +323,8 @@ class Engine:
         if not self.batcher.run_now(job):
             self.batcher.submit(job)
         try:
-            if wait_ms == math.inf:
-                result: JobResult = await job.future
-            else:
-                result = await asyncio.wait_for(job.future, max(wait_ms, 0.0) / 1000.0)
+            timeout_s = None if math.isinf(wait_ms) else max(wait_ms, 0.0) / 1000.0
+            result: JobResult = await asyncio.wait_for(job.future, timeout_s)
         except TimeoutError:
             raise Unavailable("not done by the deadline", reason="deadline") from None
         except Unavailable:

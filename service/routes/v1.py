@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -127,7 +127,7 @@ async def _stream(request: Request, engine: Engine, req: EngineRequest) -> Respo
     if release is not None:
         release()
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         event: StreamEvent | None = first
         try:
             while event is not None:

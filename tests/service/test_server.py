@@ -394,23 +394,15 @@ def test_a_busy_server_answers_with_the_quickest_column_that_fits(
     column gets column 1 instead: a busy server gives up accuracy first. With the thrifty
     rule off it waits for the deepest."""
     for backlog_ms, expected in ((0.5, 1), (math.inf, 4)):
-        with serve_in_thread(make_settings(thrifty_backlog_ms=backlog_ms)) as server:
-            model = server.engine.model
-            assert model is not None
-            deepest = model.variants["column_4"]
-            run = deepest.run
-
-            def slow(images: np.ndarray, _run: Any = run) -> Any:
-                time.sleep(0.6)
-                return _run(images)
-
-            deepest.run = slow  # type: ignore[method-assign]
-            with server.client() as busy, server.client() as client:
-                blocker = threading.Thread(
-                    target=lambda: classify(busy, image, **{"X-Column": "4"})
-                )
-                blocker.start()
-                time.sleep(0.2)  # column 4 is running
-                answer = classify(client, image, **{"X-Deadline-Ms": "5000"})
-                blocker.join()
+        with (
+            serve_in_thread(make_settings(thrifty_backlog_ms=backlog_ms)) as server,
+            slowed(server.engine.model, (4,), 0.6),
+            server.client() as busy,
+            server.client() as client,
+        ):
+            blocker = threading.Thread(target=lambda: classify(busy, image, **{"X-Column": "4"}))
+            blocker.start()
+            time.sleep(0.2)  # column 4 is running
+            answer = classify(client, image, **{"X-Deadline-Ms": "5000"})
+            blocker.join()
             assert answer.status_code == 200 and answer.json()["column"] == expected

@@ -4,7 +4,7 @@ producer closed when the client leaves, and a cancellation that is not ours pass
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncGenerator, MutableMapping
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ class Peer:
         self.gone.set()
 
 
-async def stalled(closed: asyncio.Event) -> AsyncIterator[bytes]:
+async def stalled(closed: asyncio.Event) -> AsyncGenerator[bytes, None]:
     """One chunk, then deeper work the client will not wait for."""
     try:
         yield b"first"
@@ -45,7 +45,7 @@ def bodies(peer: Peer) -> list[bytes]:
 
 
 def test_sends_every_chunk_then_ends() -> None:
-    async def chunks() -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncGenerator[bytes, None]:
         yield b"a"
         await asyncio.sleep(0.01)
         yield b"b"
