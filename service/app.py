@@ -91,7 +91,10 @@ def create_app(
             expose_headers=["X-Fractal-Column", "Server-Timing", "X-Request-ID"],
         )
     app.add_middleware(
-        EarlyShedding, engine=engine, default_deadline_ms=settings.default_deadline_ms
+        EarlyShedding,
+        engine=engine,
+        default_deadline_ms=settings.default_deadline_ms,
+        api_tokens=app.state.api_tokens,
     )
     app.add_middleware(
         ObservabilityMiddleware, metrics=metrics, clock=clock, log_json=settings.log_json

@@ -76,8 +76,11 @@ class Batcher:
         inline_max_ms: float = 0.0,
         on_inline_run: Callable[[float], None] | None = None,
         load: Callable[[], tuple[int, float]] = lambda: (1, 0.0),
+        retry_after_s: int = 1,
     ) -> None:
         self.clock = clock
+        self.retry_after_s = retry_after_s
+        """Retry-After of the 503 for a job dropped as late, or left when stopping."""
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.workers = workers
@@ -144,7 +147,9 @@ class Batcher:
         for variant in list(self._queues):
             for _, _, job in self._queues.pop(variant):
                 if not job.future.done():
-                    job.future.set_exception(Unavailable("server stopping", reason="draining"))
+                    job.future.set_exception(
+                        Unavailable("server stopping", "draining", self.retry_after_s)
+                    )
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def run_now(self, job: Job) -> bool:
@@ -266,7 +271,7 @@ class Batcher:
                     continue
                 if job.drop_when_late and job.deadline_s < now:
                     job.future.set_exception(
-                        Unavailable("deadline passed while queued", reason="deadline")
+                        Unavailable("deadline passed while queued", "deadline", self.retry_after_s)
                     )
                     continue
                 keep.append(entry)

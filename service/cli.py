@@ -112,14 +112,18 @@ class DrainingServer(uvicorn.Server):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fractal serve",
-        description="Serve a FractalNet bundle. Every option is also an environment "
-        "variable: FRACTAL_<NAME> (e.g. FRACTAL_MAX_BATCH_SIZE).",
+        description="Serve a FractalNet bundle. Every setting is an environment variable "
+        "FRACTAL_<NAME> (e.g. FRACTAL_MAX_BATCH_SIZE); these options override them.",
     )
     p.add_argument("--model", type=Path, help="bundle folder (FRACTAL_MODEL_PATH)")
     p.add_argument("--host", help="interface (FRACTAL_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (FRACTAL_PORT, default 8000)")
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--latency-profile", type=Path, help="fixed latency profile JSON")
+    p.add_argument(
+        "--latency-profile",
+        type=Path,
+        help="fixed latency profile JSON (FRACTAL_LATENCY_PROFILE_PATH)",
+    )
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--intra-op-threads", type=int)
     return p.parse_args(argv)

@@ -40,6 +40,8 @@ REASONS = {
     "deepest": "the deepest column answered",
     "deadline": "no deeper column fits in the remaining budget",
     "confident": "the confidence reached the threshold",
+    "load": "the server was busy: deeper columns run on spare capacity only",
+    "forced": "the column was forced (X-Column)",
 }
 
 # The streamed table: (heading, width, prediction field); text columns align left.

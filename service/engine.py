@@ -119,6 +119,7 @@ class Engine:
             inline_max_ms=settings.inline_run_max_ms,
             on_inline_run=self.loop_lag.excuse,
             load=lambda: (self.active_requests, self.loop_lag.lag_ms),
+            retry_after_s=settings.retry_after_s,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -326,7 +327,9 @@ class Engine:
             timeout_s = None if math.isinf(wait_ms) else max(wait_ms, 0.0) / 1000.0
             result: JobResult = await asyncio.wait_for(job.future, timeout_s)
         except TimeoutError:
-            raise Unavailable("not done by the deadline", reason="deadline") from None
+            raise Unavailable(
+                "not done by the deadline", "deadline", self.settings.retry_after_s
+            ) from None
         except Unavailable:
             if first:
                 self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()

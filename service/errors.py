@@ -58,7 +58,7 @@ class Unavailable(ServiceError):
 
     status_code = 503
 
-    def __init__(self, message: str, reason: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, reason: str, retry_after_s: int) -> None:
         super().__init__(message, reason=reason)
         self.reason = reason
         self.retry_headers = {"Retry-After": str(retry_after_s)}

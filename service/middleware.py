@@ -19,6 +19,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.deps import parse_bearer, token_matches
 from service.engine import Engine
 from service.errors import INTERNAL_ERROR, BadRequest, Unavailable, error_response
 from service.metrics import Metrics
@@ -140,10 +141,17 @@ class EarlyShedding:
     deadline in the body: it is judged once parsed.)
     """
 
-    def __init__(self, app: ASGIApp, engine: Engine, default_deadline_ms: float | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        engine: Engine,
+        default_deadline_ms: float | None,
+        api_tokens: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.engine = engine
         self.default_deadline_ms = default_deadline_ms
+        self.api_tokens = api_tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,7 +167,9 @@ class EarlyShedding:
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         deadline = self._deadline(scope)
-        if deadline is None:
+        if deadline is None or not self._authenticated(scope):
+            # The route answers: a bad header with 400, a missing or wrong token with 401
+            # (a client without access learns that, not that the server is busy).
             await self.app(scope, receive, send)
             return
         try:
@@ -172,6 +182,14 @@ class EarlyShedding:
         with self.engine.admission.admitted() as release:
             scope["state"]["release_admission"] = release
             await self.app(scope, receive, send)
+
+    def _authenticated(self, scope: Scope) -> bool:
+        """Whether the request may be served: no tokens configured, the server's own
+        warm-up, or a bearer token among the accepted ones (the route checks it again)."""
+        if not self.api_tokens or scope["state"].get(WARMUP_STATE_KEY, False):
+            return True
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        return token_matches(parse_bearer(header.decode("latin-1")), self.api_tokens)
 
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a

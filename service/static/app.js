@@ -14,6 +14,7 @@ const REASONS = {
   deepest: "the deepest column answered",
   deadline: "no deeper column fits in the remaining budget",
   confident: "the confidence reached the minimum asked for",
+  load: "the server was busy: deeper columns run on spare capacity only",
 };
 
 const state = {

@@ -67,6 +67,18 @@ def test_missing_or_wrong_token_is_401(
     assert r.json() == {"error": "missing or invalid bearer token"}
 
 
+def test_a_request_without_access_learns_that_before_it_is_shed(secured: ThreadServer) -> None:
+    """A deadline no column can meet is refused at arrival (503), but only for a client
+    with access: one without a valid token gets 401, whatever the server's load."""
+    with secured.client() as c:
+        for token, status in ((None, 401), ("wrong", 401), (ENV_TOKENS[0], 503)):
+            headers = {"Content-Type": "image/png", "X-Deadline-Ms": "0.001"}
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+            r = c.post("/v1/classify", content=image_bytes(), headers=headers)
+            assert r.status_code == status, (token, r.text)
+
+
 def test_token_in_another_scheme_is_401(secured: ThreadServer) -> None:
     with secured.client() as c:
         assert classify(c, ENV_TOKENS[0], scheme="Basic").status_code == 401

@@ -116,7 +116,7 @@ async def test_cancelled_jobs_do_no_work() -> None:
 
 async def test_late_jobs_are_dropped_when_asked() -> None:
     clock = FakeClock()
-    b = Batcher(clock, max_batch=32, max_wait_ms=0)
+    b = Batcher(clock, max_batch=32, max_wait_ms=0, retry_after_s=7)
     v = FakeVariant("a")
     late = job(v, 1, deadline=0.5, clock=clock, drop=True)
     late_ok = job(v, 2, deadline=0.5, clock=clock, drop=False)
@@ -124,10 +124,23 @@ async def test_late_jobs_are_dropped_when_asked() -> None:
     b.submit(late_ok)
     clock.now = 1.0
     b.start()
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable) as refused:
         await late.future
+    assert refused.value.retry_headers == {"Retry-After": "7"}  # the server's setting
     assert (await late_ok.future).batch_size == 1
     await b.stop()
+
+
+async def test_work_left_at_stop_is_refused_with_the_retry_setting() -> None:
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=32, max_wait_ms=0, retry_after_s=3)
+    left = job(FakeVariant("a"), 1, deadline=5.0, clock=clock)
+    b.submit(left)  # never started: stays queued
+    await b.stop()
+    with pytest.raises(Unavailable) as refused:
+        await left.future
+    assert refused.value.reason == "draining"
+    assert refused.value.retry_headers == {"Retry-After": "3"}
 
 
 async def test_failures_reach_every_waiting_request() -> None:

@@ -143,6 +143,9 @@ def test_cascade_stops_when_confident(live: Any, image: bytes) -> None:
         assert body["cascade"]["columns_run"] == [1]
         r = classify(c, image, **{"X-Min-Confidence": "1.0"})
         assert r.json()["column"] == 4 and r.json()["cascade"]["reason"] == "deepest"
+        # A forced column wins over the cascade, and the answer claims no cascade.
+        r = classify(c, image, **{"X-Min-Confidence": "1.0", "X-Column": "2"})
+        assert r.json()["column"] == 2 and "cascade" not in r.json()
 
 
 def test_json_bodies(live: Any) -> None:

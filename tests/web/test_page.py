@@ -34,7 +34,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-REASONS = {"deepest", "deadline", "confident"}
+REASONS = {"deepest", "deadline", "confident", "load"}
 
 
 @pytest.fixture
