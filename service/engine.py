@@ -52,6 +52,11 @@ class Request:
     def deadline_s(self) -> float:
         return math.inf if self.deadline_ms is None else self.arrival_s + self.deadline_ms / 1000
 
+    @property
+    def cascade_threshold(self) -> float | None:
+        """The cascade's confidence threshold: a forced column runs no cascade."""
+        return self.min_confidence if self.column is None else None
+
 
 @dataclass(frozen=True)
 class ColumnAnswer:
@@ -346,7 +351,7 @@ class Engine:
     async def classify(self, request: Request) -> Answer:
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
-        if request.min_confidence is not None and request.column is None:
+        if request.cascade_threshold is not None:
             return await self._cascade(request, model)
         candidates = self._candidates(request, model)
         if request.deadline_ms is None and request.column is None:
@@ -415,7 +420,7 @@ class Engine:
         yield "prediction", answer
         reason = "deepest"
         while True:
-            threshold = request.min_confidence
+            threshold = request.cascade_threshold
             if threshold is not None and answer.confidence >= threshold:
                 reason = "confident" if answer.variant.column < model.columns else "deepest"
                 if reason == "confident":

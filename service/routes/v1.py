@@ -96,7 +96,7 @@ async def classify(request: Request) -> Response:
     _note(request, answer)
     final = answer.final
     return JSONResponse(
-        answer_body(answer, threshold if column is None else None),  # a forced column: no cascade
+        answer_body(answer, req.cascade_threshold),
         headers={
             "X-Fractal-Column": str(final.variant.column),
             "Server-Timing": f"queue;dur={final.queue_ms:.3f}, "
