@@ -51,6 +51,8 @@ class FractalConfig:
             raise ValueError("columns must be at least 1")
         if len(self.block_dropout) != len(self.channels):
             raise ValueError("dropout needs one rate per block")
+        if not all(0.0 <= d < 1.0 for d in self.block_dropout):
+            raise ValueError("dropout rates must lie in [0, 1)")
         if not 0.0 <= self.local_drop < 1.0:
             raise ValueError("local_drop must lie in [0, 1)")
         if not 0.0 <= self.global_ratio <= 1.0:

@@ -10,6 +10,7 @@ Rank 0 logs, evaluates and writes checkpoints; every rank draws the same drop-pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -78,6 +79,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")))
     p.add_argument("--columns", type=int)
     p.add_argument("--image-size", type=int, help="input size (digits are upsampled to it)")
+    p.add_argument(
+        "--dropout",
+        type=_rates,
+        help="dropout rate per block, comma-separated (default: the paper's 0, 0.1, 0.2, ...); "
+        "with --resume it replaces the checkpoint's rates (no weights change)",
+    )
     p.add_argument("--local-drop", type=float)
     p.add_argument("--global-ratio", type=float)
     p.add_argument("--no-drop-path", action="store_true", help="train without drop-path")
@@ -121,6 +128,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    return tuple(float(r) for r in text.split(","))
+
+
 def build_config(args: argparse.Namespace, num_classes: int) -> FractalConfig:
     local, glob = args.local_drop, args.global_ratio
     if args.no_drop_path:
@@ -131,6 +142,7 @@ def build_config(args: argparse.Namespace, num_classes: int) -> FractalConfig:
         channels=args.channels,
         columns=args.columns,
         image_size=args.image_size,
+        dropout=args.dropout,
         local_drop=local,
         global_ratio=glob,
         init=args.init,
@@ -241,6 +253,8 @@ def train(args: argparse.Namespace) -> Path:
     test_split = test_split.subset(args.eval_limit, seed=args.seed)
     if resume is not None:
         config = FractalConfig.from_dict(resume["config"])
+        if args.dropout is not None:
+            config = dataclasses.replace(config, dropout=args.dropout)
         mean, std = resume["normalization"]["mean"], resume["normalization"]["std"]
     else:
         config = build_config(args, len(train_split.classes))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,32 @@ def test_tuning_one_column_leaves_the_others_as_they_were(tmp_path: Path) -> Non
             same = torch.equal(before(x, column=column), after(x, column=column))
             assert same == (column != 2), column
     assert torch.equal(before.head.weight, after.head.weight)
+
+
+def test_resume_can_replace_the_dropout_rates(tmp_path: Path) -> None:
+    """`--dropout` on a resume swaps the rates in the saved config; the weights load into
+    the network with the new rates as they are (dropout has none), so the run goes on from
+    exactly the checkpoint's answers."""
+    out = tmp_path / "run"
+    common = [*SYNTHETIC, "--eval-every", "9", "--out", str(out)]
+    train(parse_args([*common, "--epochs", "1", "--dropout", "0.1,0.2"]))
+    before = load_checkpoint(out / "checkpoint.pt")
+    assert tuple(before["config"]["dropout"]) == (0.1, 0.2)
+    train(parse_args([*common, "--epochs", "2", "--resume", "--dropout", "0,0"]))
+    after = load_checkpoint(out / "checkpoint.pt")
+    assert tuple(after["config"]["dropout"]) == (0.0, 0.0)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model_from_checkpoint(after).modules())
+    undropped = FractalNet(FractalConfig.from_dict(after["config"]))
+    undropped.load_state_dict(before["model"])  # strict: the same keys
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(before)(x), undropped.eval()(x))
+
+
+@pytest.mark.parametrize(("rates", "message"), [("0.1", "one rate per block"), ("0,1", "[0, 1)")])
+def test_bad_dropout_rates_are_refused(tmp_path: Path, rates: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(parse_args([*SYNTHETIC, "--dropout", rates, "--out", str(tmp_path / "r")]))
 
 
 def test_tune_column_must_exist(tmp_path: Path) -> None:
