@@ -21,8 +21,8 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.access import Access
 from service.bundle import BundleError
-from service.deps import TokenBucket
 from service.engine import Engine
 from service.errors import (
     ServiceError,
@@ -73,9 +73,8 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
-    app.state.api_tokens = read_tokens(settings)
-    app.state.rate_limiter = (
-        TokenBucket(settings.rate_limit_per_s) if settings.rate_limit_per_s else None
+    app.state.access = Access(
+        read_tokens(settings), settings.rate_limit_per_s, settings.retry_after_s
     )
 
     app.add_exception_handler(ServiceError, service_error_handler)
@@ -94,7 +93,7 @@ def create_app(
         EarlyShedding,
         engine=engine,
         default_deadline_ms=settings.default_deadline_ms,
-        api_tokens=app.state.api_tokens,
+        access=app.state.access,
     )
     app.add_middleware(
         ObservabilityMiddleware, metrics=metrics, clock=clock, log_json=settings.log_json

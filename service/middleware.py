@@ -19,9 +19,9 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.deps import parse_bearer, token_matches
+from service.access import ACCESS_CHECKED_KEY, Access
 from service.engine import Engine
-from service.errors import INTERNAL_ERROR, BadRequest, Unavailable, error_response
+from service.errors import INTERNAL_ERROR, BadRequest, ServiceError, Unavailable, error_response
 from service.metrics import Metrics
 from service.requests import parse_deadline_ms
 from service.warmup import WARMUP_STATE_KEY
@@ -132,9 +132,10 @@ class ObservabilityMiddleware:
 
 
 class EarlyShedding:
-    """Refuses a `/v1/classify` request with a deadline at arrival, before its body is
-    read, when the server already holds as many such requests as it answers in time, or
-    when this one's deadline cannot be met (`Engine.shed_early`).
+    """Judges a `/v1/classify` request with a deadline at arrival, before its body is
+    read: first access (`service.access.Access`: 401, 429), then whether the server can
+    answer it in time (`Engine.shed_early`: 503 when the server already holds as many such
+    requests as it answers in time, or when this one's deadline cannot be met).
 
     An overloaded server that reads and decodes every request before refusing most of them
     spends its time on refusals and answers nothing in time. (A `/v2` request may carry its
@@ -142,16 +143,12 @@ class EarlyShedding:
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        engine: Engine,
-        default_deadline_ms: float | None,
-        api_tokens: tuple[str, ...] = (),
+        self, app: ASGIApp, engine: Engine, default_deadline_ms: float | None, access: Access
     ) -> None:
         self.app = app
         self.engine = engine
         self.default_deadline_ms = default_deadline_ms
-        self.api_tokens = api_tokens
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -167,29 +164,29 @@ class EarlyShedding:
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         deadline = self._deadline(scope)
-        if deadline is None or not self._authenticated(scope):
-            # The route answers: a bad header with 400, a missing or wrong token with 401
-            # (a client without access learns that, not that the server is busy).
+        if deadline is None:  # not judged here: the route checks (a bad header is a 400)
             await self.app(scope, receive, send)
             return
+        state = scope["state"]
         try:
-            self.engine.shed_early(scope["state"]["arrival_s"], deadline)
-        except Unavailable as exc:
+            if not state.get(WARMUP_STATE_KEY, False):
+                self._check_access(scope)
+                state[ACCESS_CHECKED_KEY] = True
+            self.engine.shed_early(state["arrival_s"], deadline)
+        except ServiceError as exc:
             # Answered before routing: name the endpoint for the metrics and the log.
-            scope["state"].update(outcome=exc.reason, endpoint=CLASSIFY)
+            outcome = exc.reason if isinstance(exc, Unavailable) else None
+            state.update(outcome=outcome, endpoint=CLASSIFY)
             await error_response(exc)(scope, receive, send)
             return
         with self.engine.admission.admitted() as release:
-            scope["state"]["release_admission"] = release
+            state["release_admission"] = release
             await self.app(scope, receive, send)
 
-    def _authenticated(self, scope: Scope) -> bool:
-        """Whether the request may be served: no tokens configured, the server's own
-        warm-up, or a bearer token among the accepted ones (the route checks it again)."""
-        if not self.api_tokens or scope["state"].get(WARMUP_STATE_KEY, False):
-            return True
+    def _check_access(self, scope: Scope) -> None:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return token_matches(parse_bearer(header.decode("latin-1")), self.api_tokens)
+        client = scope.get("client")
+        self.access.check(header.decode("latin-1"), client[0] if client else None)
 
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a

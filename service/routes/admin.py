@@ -12,8 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from service.access import token_matches
 from service.bundle import BundleError
-from service.deps import EngineDep, SettingsDep, bearer_token, token_matches
+from service.deps import EngineDep, SettingsDep, bearer_token
 from service.errors import BadRequest, NotFound, Unauthorized, Unprocessable
 from service.requests import parse_json, read_body
 

@@ -118,7 +118,7 @@ RATE_PER_S = 2.0  # a burst of two seconds' worth: 4 requests
 
 @pytest.fixture(scope="module")
 def limited(make_settings: Callable[..., Settings]) -> Iterator[ThreadServer]:
-    tokens = (SecretStr("alice"), SecretStr("bob"))
+    tokens = tuple(SecretStr(name) for name in ("alice", "bob", "carol", "dave"))
     settings = make_settings(rate_limit_per_s=RATE_PER_S, api_tokens=tokens)
     with serve_in_thread(settings) as server:
         yield server
@@ -140,6 +140,28 @@ def test_rate_limit_is_429_with_retry_after(limited: ThreadServer) -> None:
     assert statuses[:4] == [200] * 4 and statuses[-1] == 429, statuses
     text = httpx.get(f"{limited.url}/metrics").text
     assert 'fractal_requests_total{endpoint="/v1/classify",status="429"}' in text
+
+
+def test_rate_limit_counts_a_request_once_and_comes_before_shedding(
+    limited: ThreadServer,
+) -> None:
+    """A `/v1/classify` request judged at arrival (it names a deadline) spends one token of
+    its client's bucket, not one there and one in the route; a client over its rate learns
+    that (429) even when its deadline could not be met (503 for a client within its rate)."""
+
+    def send(c: httpx.Client, token: str, deadline_ms: str) -> int:
+        headers = {
+            "Content-Type": "image/png",
+            "Authorization": f"Bearer {token}",
+            "X-Deadline-Ms": deadline_ms,
+        }
+        return c.post("/v1/classify", content=image_bytes(), headers=headers).status_code
+
+    with limited.client() as c:
+        statuses = [send(c, "carol", "10000") for _ in range(4)]
+        over = send(c, "carol", "0.001")
+        within = send(c, "dave", "0.001")
+    assert statuses == [200] * 4 and over == 429 and within == 503
 
 
 def test_rate_limit_is_off_by_default(live: ThreadServer) -> None:
