@@ -184,19 +184,21 @@ class EarlyShedding:
             await self.app(scope, receive, send)
 
     def _check_access(self, scope: Scope) -> None:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         client = scope.get("client")
-        self.access.check(header.decode("latin-1"), client[0] if client else None)
+        self.access.check(header(scope, b"authorization") or "", client[0] if client else None)
 
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a
         bad header, which the route explains)."""
         if scope["method"] != "POST" or scope["path"] != CLASSIFY:
             return None
-        header = next((v for k, v in scope["headers"] if k == b"x-deadline-ms"), None)
         try:
-            return parse_deadline_ms(
-                None if header is None else header.decode("latin-1"), self.default_deadline_ms
-            )
+            return parse_deadline_ms(header(scope, b"x-deadline-ms"), self.default_deadline_ms)
         except BadRequest:
             return None
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header `name` (lower case) in an ASGI scope, else None."""
+    value = next((v for k, v in scope["headers"] if k == name), None)
+    return None if value is None else value.decode("latin-1")
