@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     """Deadline for requests without X-Deadline-Ms; None: no deadline (deepest column)."""
     best_effort: bool = False
     """Answer late with column 1 (marked missed) instead of refusing with 503."""
-    deadline_margin_ms: float = Field(default=0.5, ge=0)
-    """Safety margin subtracted from every budget when predicting completion."""
+    deadline_margin_ms: float = Field(default=4.0, ge=0)
+    """Subtracted from every budget when predicting completion: the time a request spends
+    outside the server's clock (network, kernel, a client sharing the CPUs). 4 ms beat
+    0.5 ms in every side-by-side acceptance run (docs/loadtest.md)."""
     adaptive_admission: bool = True
     """Refuse `/v1/classify` requests with a deadline at arrival when more are in than a
     limit learned from their outcomes, or when the event loop runs too late to meet the
