@@ -11,9 +11,11 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from service.errors import TooManyRequests, Unauthorized
+from service.warmup import WARMUP_STATE_KEY
 
 ACCESS_CHECKED_KEY = "access_checked"
 """Set in the ASGI scope's state once a request's access was checked."""
@@ -72,6 +74,16 @@ class Access:
         self.retry_after_s = retry_after_s
         self.clock = clock
 
+    def check_once(
+        self, state: dict[str, Any], authorization: str, client_host: str | None
+    ) -> None:
+        """`check`, unless the request (its ASGI scope's `state`) needs none: the server's
+        own warm-up (marked in the scope, which no client can set), or a request already
+        checked; then marks it checked."""
+        if not exempt(state):
+            self.check(authorization, client_host)
+            state[ACCESS_CHECKED_KEY] = True
+
     def check(self, authorization: str, client_host: str | None) -> None:
         token = parse_bearer(authorization)
         if self.tokens and not token_matches(token, self.tokens):
@@ -79,3 +91,8 @@ class Access:
         client = token or client_host or "unknown"
         if self.limiter is not None and not self.limiter.allow(client, self.clock()):
             raise TooManyRequests("rate limit exceeded", self.retry_after_s)
+
+
+def exempt(state: Mapping[str, Any]) -> bool:
+    """Whether a request needs no access check: a warm-up request, or one already checked."""
+    return bool(state.get(WARMUP_STATE_KEY, False) or state.get(ACCESS_CHECKED_KEY, False))

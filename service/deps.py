@@ -11,10 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.access import ACCESS_CHECKED_KEY, Access, parse_bearer
+from service.access import Access, parse_bearer
 from service.engine import Engine
 from service.settings import Settings
-from service.warmup import WARMUP_STATE_KEY
 
 
 async def get_engine(request: Request) -> Engine:
@@ -37,13 +36,10 @@ def bearer_token(request: Request) -> str | None:
 
 async def inference_access(request: Request) -> None:
     """The access rule (`service.access.Access`) for a request nothing checked before: the
-    early refusal checks the `/v1/classify` requests it judges. The server's own warm-up
-    requests (marked in the ASGI scope, which no client can set) need no access."""
-    state = request.state
-    if getattr(state, WARMUP_STATE_KEY, False) or getattr(state, ACCESS_CHECKED_KEY, False):
-        return
+    early refusal checks the `/v1/classify` requests it judges."""
     access: Access = request.app.state.access
-    access.check(
+    access.check_once(
+        request.scope.setdefault("state", {}),
         request.headers.get("authorization", ""),
         request.client.host if request.client else None,
     )

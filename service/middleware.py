@@ -19,7 +19,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.access import ACCESS_CHECKED_KEY, Access
+from service.access import Access
 from service.engine import Engine
 from service.errors import INTERNAL_ERROR, BadRequest, ServiceError, Unavailable, error_response
 from service.metrics import Metrics
@@ -169,9 +169,7 @@ class EarlyShedding:
             return
         state = scope["state"]
         try:
-            if not state.get(WARMUP_STATE_KEY, False):
-                self._check_access(scope)
-                state[ACCESS_CHECKED_KEY] = True
+            self._check_access(scope)
             self.engine.shed_early(state["arrival_s"], deadline)
         except ServiceError as exc:
             # Answered before routing: name the endpoint for the metrics and the log.
@@ -185,7 +183,9 @@ class EarlyShedding:
 
     def _check_access(self, scope: Scope) -> None:
         client = scope.get("client")
-        self.access.check(header(scope, b"authorization") or "", client[0] if client else None)
+        self.access.check_once(
+            scope["state"], header(scope, b"authorization") or "", client[0] if client else None
+        )
 
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a
