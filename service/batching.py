@@ -77,6 +77,7 @@ class Batcher:
         on_inline_run: Callable[[float], None] | None = None,
         load: Callable[[], tuple[int, float]] = lambda: (1, 0.0),
         retry_after_s: int = 1,
+        on_handoff: Callable[[float, float], None] | None = None,
     ) -> None:
         self.clock = clock
         self.retry_after_s = retry_after_s
@@ -98,6 +99,9 @@ class Batcher:
         self._load = load
         """(requests in the server, event-loop lag in ms) for `run_on_loop`."""
         self.running_batches = 0
+        self._on_handoff = on_handoff or (lambda to_ms, back_ms: None)
+        """Told, for every run on the thread, the ms from the batch's start until the thread
+        began it and from its end until the event loop took the result back."""
 
     # -- submission and snapshots -------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Future[JobResult]:
@@ -204,7 +208,11 @@ class Batcher:
                     probs = variant.run(images)
                     self._on_inline_run((self.clock() - start) * 1000.0)
                 else:
-                    probs = await loop.run_in_executor(self._pool, variant.run, images)
+                    probs, began, ended = await loop.run_in_executor(
+                        self._pool, _timed_run, variant, images, self.clock
+                    )
+                    now = self.clock()
+                    self._on_handoff((began - start) * 1000.0, (now - ended) * 1000.0)
             except Exception as exc:  # fan the failure out; the worker lives on
                 log.exception("inference failed for %s (batch %d)", variant.key, n)
                 for job in batch:
@@ -279,6 +287,15 @@ class Batcher:
                 queue[:] = keep
                 self._images[variant] = sum(e[2].size for e in keep)
                 self._on_queue_change(variant, self._images[variant])
+
+
+def _timed_run(
+    variant: Runnable, images: np.ndarray, clock: Callable[[], float]
+) -> tuple[np.ndarray, float, float]:
+    """On the inference thread: the run, and when it began and ended by `clock`."""
+    began = clock()
+    probs = variant.run(images)
+    return probs, began, clock()
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> Any:

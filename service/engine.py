@@ -125,6 +125,7 @@ class Engine:
             on_inline_run=self.loop_lag.excuse,
             load=lambda: (self.active_requests, self.loop_lag.lag_ms),
             retry_after_s=settings.retry_after_s,
+            on_handoff=self._handoff,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -501,6 +502,12 @@ class Engine:
         col, prec = str(variant.column), variant.precision
         self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
         self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)
+
+    def _handoff(self, to_thread_ms: float, back_ms: float) -> None:
+        if self.warming:
+            return
+        self.metrics.child(self.metrics.inference_handoff, "to_thread").observe(to_thread_ms / 1e3)
+        self.metrics.child(self.metrics.inference_handoff, "back").observe(back_ms / 1e3)
 
 
 def _cost_of(model: LoadedModel) -> Callable[[str, int], float]:

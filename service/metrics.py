@@ -30,6 +30,8 @@ LATENCY_BUCKETS_S = (
     5.0,
     10.0,
 )
+# A thread hand-off takes tens of microseconds to milliseconds.
+HANDOFF_BUCKETS_S = (0.00005, 0.0001, 0.00025, *LATENCY_BUCKETS_S[:10])
 RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1, 1.25, 1.5, 2.0, 5.0)
 ACCURACY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -57,6 +59,13 @@ class Metrics:
             "One onnxruntime run",
             ["column", "precision", "batch_size"],
             buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.inference_handoff = Histogram(
+            "fractal_inference_handoff_seconds",
+            "Time a run on the inference thread spent being handed over",
+            ["direction"],
+            buckets=HANDOFF_BUCKETS_S,
             registry=r,
         )
         self.batch_size = Histogram(

@@ -337,6 +337,11 @@ def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
     assert 'fractal_deadline_outcomes_total{outcome="shed"}' in text
     assert 'fractal_model_info{columns="4",name="tiny",version="test"} 1.0' in text
     assert "fractal_inference_duration_seconds_bucket" in text
+    handoffs = {
+        d: metric_value(text, "fractal_inference_handoff_seconds_count", f'direction="{d}"')
+        for d in ("to_thread", "back")
+    }
+    assert handoffs["to_thread"] == handoffs["back"] >= 1
     # Both answered, with few in flight: the limit has not moved from where it starts.
     settings = live.engine.settings
     start = settings.max_batch_size * settings.inference_workers
