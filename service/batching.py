@@ -1,9 +1,10 @@
-"""Dynamic batching: per-variant deadline-ordered queues, workers, and result fan-out.
+"""Dynamic batching: per-variant deadline-ordered queues, inference threads, fan-out.
 
 The decisions (which queue, how many items, whether to wait) are the pure functions of
-`service.scheduling`; this module owns the asyncio side: queues, wake-ups, running a batch
-off the event loop, and handing every waiting request its slice of the result or the
-exception. The clock is injected (monotonic seconds) so tests can drive time.
+`service.scheduling`; this module owns the rest: the queues, shared by the event loop
+(which submits) and the inference threads (which take batches and run them), and handing
+every waiting request its slice of the result or the exception on the event loop. The
+clock is injected (monotonic seconds) so tests can drive time.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import bisect
 import contextlib
 import itertools
 import logging
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,6 +67,13 @@ QueueEntry = tuple[float, int, Job]
 
 
 class Batcher:
+    """Per-variant queues in earliest-deadline-first order, served by inference threads.
+
+    Each thread picks its own next batch the moment it is free (`pick_queue`,
+    `plan_batch`), so back-to-back batches never wait for the event loop: a loaded event
+    loop delays only the hand-back of results, not the next run. The queues are shared
+    with the event loop under a lock; futures are resolved on the loop."""
+
     def __init__(
         self,
         clock: Callable[[], float],
@@ -77,7 +86,7 @@ class Batcher:
         on_inline_run: Callable[[float], None] | None = None,
         load: Callable[[], tuple[int, float]] = lambda: (1, 0.0),
         retry_after_s: int = 1,
-        on_handoff: Callable[[float, float], None] | None = None,
+        on_handoff: Callable[[str, float], None] | None = None,
     ) -> None:
         self.clock = clock
         self.retry_after_s = retry_after_s
@@ -88,9 +97,12 @@ class Batcher:
         self._queues: dict[Runnable, list[QueueEntry]] = {}
         self._images: dict[Runnable, int] = {}
         self._seq = itertools.count()
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        """Notified when work is queued, and at stop."""
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._running_until: dict[int, float] = {}
         self._on_queue_change = on_queue_change or (lambda v, n: None)
         self._on_batch = on_batch or (lambda v, n, ms: None)
@@ -99,18 +111,21 @@ class Batcher:
         self._load = load
         """(requests in the server, event-loop lag in ms) for `run_on_loop`."""
         self.running_batches = 0
-        self._on_handoff = on_handoff or (lambda to_ms, back_ms: None)
-        """Told, for every run on the thread, the ms from the batch's start until the thread
-        began it and from its end until the event loop took the result back."""
+        """Batches taken and not yet handed back (on the event loop)."""
+        self._on_handoff = on_handoff or (lambda direction, ms: None)
+        """Told ("to_thread", ms) when an idle thread took a batch (from the newest job's
+        arrival in the queue), and ("back", ms) for every batch (from the run's end until
+        the event loop handed its results out)."""
 
     # -- submission and snapshots -------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Future[JobResult]:
-        queue = self._queues.setdefault(job.variant, [])
         order = job.deadline_s if job.order_s is None else job.order_s
-        bisect.insort(queue, (order, next(self._seq), job))
-        self._images[job.variant] = self._images.get(job.variant, 0) + job.size
-        self._on_queue_change(job.variant, self._images[job.variant])
-        self._wake.set()
+        with self._work:
+            queue = self._queues.setdefault(job.variant, [])
+            bisect.insort(queue, (order, next(self._seq), job))
+            images = self._images[job.variant] = self._images.get(job.variant, 0) + job.size
+            self._work.notify()
+        self._on_queue_change(job.variant, images)
         return job.future
 
     @property
@@ -123,38 +138,48 @@ class Batcher:
     def ahead_of(self, order_s: float) -> list[Waiting]:
         """Queued images at or before `order_s` in EDF order, per variant."""
         ahead = []
-        for variant, queue in self._queues.items():
-            images = sum(e[2].size for e in queue if e[0] <= order_s and not e[2].future.done())
-            if images:
-                ahead.append(Waiting(variant.key, images))
+        with self._lock:
+            for variant, queue in self._queues.items():
+                images = sum(e[2].size for e in queue if e[0] <= order_s and not e[2].future.done())
+                if images:
+                    ahead.append(Waiting(variant.key, images))
         return ahead
 
     def running_remaining_ms(self) -> float:
         """Predicted ms until a worker frees up (0 when one is idle)."""
-        if len(self._running_until) < self.workers:
+        running = list(self._running_until.values())
+        if len(running) < self.workers:
             return 0.0
-        return max(min(self._running_until.values()) - self.clock(), 0.0) * 1000.0
+        return max(min(running) - self.clock(), 0.0) * 1000.0
 
     def idle(self) -> bool:
         return self.queued_images == 0 and self.running_batches == 0
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._worker(i), name=f"batcher-{i}") for i in range(self.workers)
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._worker, args=(i,), name=f"inference-{i}", daemon=True)
+            for i in range(self.workers)
         ]
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for variant in list(self._queues):
-            for _, _, job in self._queues.pop(variant):
-                if not job.future.done():
-                    job.future.set_exception(
-                        Unavailable("server stopping", "draining", self.retry_after_s)
-                    )
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        self._threads = []
+        await asyncio.sleep(0)  # results the threads posted before they ended
+        with self._lock:
+            left = [entry[2] for queue in self._queues.values() for entry in queue]
+            self._queues.clear()
+            self._images.clear()
+        refusal = Unavailable("server stopping", "draining", self.retry_after_s)
+        _fail([job for job in left if not job.future.done()], refusal)
 
     def run_now(self, job: Job) -> bool:
         """Run `job` at once, on the event loop, when the server has nothing else to do
@@ -176,61 +201,134 @@ class Batcher:
             return True
         ms = (self.clock() - start) * 1000.0
         self._on_inline_run(ms)
-        self._complete([job], probs, start, ms)
+        self.running_batches += 1
+        self._complete([job], probs, start, ms, None)
         return True
 
-    # -- the worker loop ----------------------------------------------------------------
-    async def _worker(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
+    # -- the inference threads ----------------------------------------------------------
+    def _worker(self, index: int) -> None:
         while True:
-            batch = await self._next_batch()
+            try:
+                taken = self._take(index)
+            except Exception:  # a bug in planning must not stop the thread for good
+                log.exception("inference thread %d could not take a batch", index)
+                time.sleep(0.01)
+                continue
+            if taken is None:
+                return
+            batch, woke = taken
             variant = batch[0].variant
             images = (
                 batch[0].images
                 if len(batch) == 1
                 else np.concatenate([job.images for job in batch])
             )
-            n = int(images.shape[0])
-            predicted_ms = variant.predict_ms(n)
-            inline = run_on_loop(
-                n,
-                predicted_ms,
-                self.queued_images,
-                self.running_batches,
-                self.inline_max_ms,
-                *self._load(),
-            )
-            start = self.clock()
-            self._running_until[index] = start + predicted_ms / 1000.0
-            self.running_batches += 1
+            began = self.clock()
+            if woke:
+                newest = max(job.enqueued_s for job in batch)
+                self._on_handoff("to_thread", max(began - newest, 0.0) * 1000.0)
             try:
-                if inline:
-                    probs = variant.run(images)
-                    self._on_inline_run((self.clock() - start) * 1000.0)
-                else:
-                    probs, began, ended = await loop.run_in_executor(
-                        self._pool, _timed_run, variant, images, self.clock
-                    )
-                    now = self.clock()
-                    self._on_handoff((began - start) * 1000.0, (now - ended) * 1000.0)
-            except Exception as exc:  # fan the failure out; the worker lives on
-                log.exception("inference failed for %s (batch %d)", variant.key, n)
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            finally:
-                self.running_batches -= 1
+                outcome: np.ndarray | BaseException = variant.run(images)
+            except Exception as exc:  # fan the failure out; the thread lives on
+                log.exception("inference failed for %s (batch %d)", variant.key, len(images))
+                outcome = exc
+            ended = self.clock()
+            with self._lock:
                 self._running_until.pop(index, None)
-            self._complete(batch, probs, start, (self.clock() - start) * 1000.0)
+            self._post(self._complete, batch, outcome, began, (ended - began) * 1000.0, ended)
 
-    def _complete(self, batch: list[Job], probs: np.ndarray, start: float, ms: float) -> None:
-        """Account for a finished run and hand every job its slice of the result."""
-        variant, n = batch[0].variant, int(probs.shape[0])
+    def _take(self, index: int) -> tuple[list[Job], bool] | None:
+        """The next batch for thread `index`, and whether the thread slept idle first;
+        None at stop. Blocks while there is nothing to run."""
+        woke = False
+        changes: list[tuple[Runnable, int]] = []
+        try:
+            with self._work:
+                while not self._stopping:
+                    now = self.clock()
+                    changes += self._drop_dead(now)
+                    heads = {v: q[0][0] for v, q in self._queues.items() if q}
+                    variant = pick_queue(heads)
+                    if variant is None:
+                        self._work.wait()
+                        woke = True
+                        continue
+                    queue = self._queues[variant]
+                    plan = plan_batch(
+                        [Queued(job.deadline_s, job.size, job.enqueued_s) for _, _, job in queue],
+                        now,
+                        variant.predict_ms,
+                        self.max_batch,
+                        self.max_wait_ms,
+                    )
+                    if plan.wait_until_s is not None:
+                        self._work.wait(max(plan.wait_until_s - now, 0.0))
+                        woke = False  # waited for company on purpose
+                        continue
+                    taken = [entry[2] for entry in queue[: plan.count]]
+                    del queue[: plan.count]
+                    self._images[variant] -= sum(job.size for job in taken)
+                    changes.append((variant, self._images[variant]))
+                    size = sum(job.size for job in taken)
+                    self._running_until[index] = now + variant.predict_ms(size) / 1000.0
+                    self.running_batches += 1
+                    return taken, woke
+                return None
+        finally:
+            for variant, images in changes:
+                self._on_queue_change(variant, images)
+
+    def _drop_dead(self, now: float) -> list[tuple[Runnable, int]]:
+        """Remove cancelled jobs (client gone) and late ones that asked to be dropped
+        (refused on the event loop); under the lock. Returns the queues that changed."""
+        changed = []
+        for variant, queue in self._queues.items():
+            keep, late = [], []
+            for entry in queue:
+                job = entry[2]
+                if job.future.done():
+                    continue
+                if job.drop_when_late and job.deadline_s < now:
+                    late.append(job)
+                    continue
+                keep.append(entry)
+            if len(keep) != len(queue):
+                queue[:] = keep
+                self._images[variant] = sum(e[2].size for e in keep)
+                changed.append((variant, self._images[variant]))
+            if late:
+                why = "deadline passed while queued"
+                self._post(_fail, late, Unavailable(why, "deadline", self.retry_after_s))
+        return changed
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback(*args)` on the event loop (from an inference thread)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # -- on the event loop --------------------------------------------------------------
+    def _complete(
+        self,
+        batch: list[Job],
+        outcome: np.ndarray | BaseException,
+        start: float,
+        ms: float,
+        ended: float | None,
+    ) -> None:
+        """Account for a finished run and hand every job its slice of the result, or the
+        exception."""
+        self.running_batches -= 1
+        if ended is not None:
+            self._on_handoff("back", max(self.clock() - ended, 0.0) * 1000.0)
+        if isinstance(outcome, BaseException):
+            _fail(batch, outcome)
+            return
+        variant, n = batch[0].variant, int(outcome.shape[0])
         self._on_batch(variant, n, ms)
         offset = 0
         for job in batch:
-            part = probs[offset : offset + job.size]
+            part = outcome[offset : offset + job.size]
             offset += job.size
             if not job.future.done():
                 job.future.set_result(
@@ -242,62 +340,8 @@ class Batcher:
                     )
                 )
 
-    async def _next_batch(self) -> list[Job]:
-        while True:
-            now = self.clock()
-            self._drop_dead(now)
-            variant = pick_queue({v: q[0][0] for v, q in self._queues.items() if q})
-            if variant is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            queue = self._queues[variant]
-            plan = plan_batch(
-                [Queued(job.deadline_s, job.size, job.enqueued_s) for _, _, job in queue],
-                now,
-                variant.predict_ms,
-                self.max_batch,
-                self.max_wait_ms,
-            )
-            if plan.wait_until_s is not None:
-                self._wake.clear()
-                await _wait_event(self._wake, plan.wait_until_s - now)
-                continue
-            taken = [entry[2] for entry in queue[: plan.count]]
-            del queue[: plan.count]
-            self._images[variant] -= sum(job.size for job in taken)
-            self._on_queue_change(variant, self._images[variant])
-            return taken
 
-    def _drop_dead(self, now: float) -> None:
-        """Remove cancelled jobs (client gone) and late ones that asked to be dropped."""
-        for variant, queue in self._queues.items():
-            keep = []
-            for entry in queue:
-                job = entry[2]
-                if job.future.done():
-                    continue
-                if job.drop_when_late and job.deadline_s < now:
-                    job.future.set_exception(
-                        Unavailable("deadline passed while queued", "deadline", self.retry_after_s)
-                    )
-                    continue
-                keep.append(entry)
-            if len(keep) != len(queue):
-                queue[:] = keep
-                self._images[variant] = sum(e[2].size for e in keep)
-                self._on_queue_change(variant, self._images[variant])
-
-
-def _timed_run(
-    variant: Runnable, images: np.ndarray, clock: Callable[[], float]
-) -> tuple[np.ndarray, float, float]:
-    """On the inference thread: the run, and when it began and ended by `clock`."""
-    began = clock()
-    probs = variant.run(images)
-    return probs, began, clock()
-
-
-async def _wait_event(event: asyncio.Event, timeout_s: float) -> Any:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout=max(timeout_s, 0.0))
+def _fail(jobs: list[Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)

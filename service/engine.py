@@ -503,11 +503,10 @@ class Engine:
         self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
         self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)
 
-    def _handoff(self, to_thread_ms: float, back_ms: float) -> None:
-        if self.warming:
-            return
-        self.metrics.child(self.metrics.inference_handoff, "to_thread").observe(to_thread_ms / 1e3)
-        self.metrics.child(self.metrics.inference_handoff, "back").observe(back_ms / 1e3)
+    def _handoff(self, direction: str, ms: float) -> None:
+        """Called from the inference threads too (the metric takes its own lock)."""
+        if not self.warming:
+            self.metrics.child(self.metrics.inference_handoff, direction).observe(ms / 1e3)
 
 
 def _cost_of(model: LoadedModel) -> Callable[[str, int], float]:

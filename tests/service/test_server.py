@@ -341,7 +341,8 @@ def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
         d: metric_value(text, "fractal_inference_handoff_seconds_count", f'direction="{d}"')
         for d in ("to_thread", "back")
     }
-    assert handoffs["to_thread"] == handoffs["back"] >= 1
+    # Every run on the thread is handed back; an idle thread's wake-up is timed too.
+    assert handoffs["back"] >= handoffs["to_thread"] >= 1
     # Both answered, with few in flight: the limit has not moved from where it starts.
     settings = live.engine.settings
     start = settings.max_batch_size * settings.inference_workers
