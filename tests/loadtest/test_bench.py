@@ -31,8 +31,10 @@ def test_bench_runs_end_to_end(
         for run in report[mode].values():
             assert run["requests_per_s"] > 0 and run["non_2xx"] == 0
     assert report["saturated_unbatched"]["column_1"]["mean_batch_size"] == pytest.approx(1.0)
+    assert all(f["batch_gain"] >= 1.0 for f in report["floor"].values())  # best vs batch 1
     beside = report["deepest_floor_beside"]
     assert beside["before"] > 0 and beside["after"] > 0
     printed = capsys.readouterr().out
     assert "## server at low load" in printed and "p50 overhead over floor ms" in printed
     assert "(floor measured beside the run:" in printed
+    assert "in-process, best batch / batch 1 = " in printed
