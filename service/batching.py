@@ -201,7 +201,6 @@ class Batcher:
             return True
         ms = (self.clock() - start) * 1000.0
         self._on_inline_run(ms)
-        self.running_batches += 1
         self._complete([job], probs, start, ms, None)
         return True
 
@@ -317,9 +316,10 @@ class Batcher:
         ended: float | None,
     ) -> None:
         """Account for a finished run and hand every job its slice of the result, or the
-        exception."""
-        self.running_batches -= 1
+        exception. `ended`: when a thread's run ended (None for a run on the loop)."""
         if ended is not None:
+            with self._lock:  # the threads count up under it
+                self.running_batches -= 1
             self._on_handoff("back", max(self.clock() - ended, 0.0) * 1000.0)
         if isinstance(outcome, BaseException):
             _fail(batch, outcome)
