@@ -275,3 +275,22 @@ async def test_order_key_places_a_job_but_its_deadline_drops_it() -> None:
     await asyncio.sleep(0.01)
     await b.stop()
     assert log[0] == ("first", 1) and ("deep", 1) in log
+
+
+async def test_many_jobs_submitted_while_the_thread_runs_all_come_back() -> None:
+    """The event loop submits while the thread takes batches: every job gets its own
+    answer, and the batcher ends idle (its counts shared across threads stay right)."""
+    clock = FakeClock()
+    b = Batcher(clock, max_batch=8, max_wait_ms=0)
+    variants = [FakeVariant("a"), FakeVariant("c")]
+    b.start()
+    futures = []
+    for i in range(400):
+        futures.append(b.submit(job(variants[i % 2], i % 250, 1.0 + i, clock)))
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    results = await asyncio.gather(*futures)
+    await b.stop()
+    assert [int(r.probabilities[0, 0]) for r in results] == [i % 250 for i in range(400)]
+    assert sum(n for v in variants for _, n in v.runs) == 400
+    assert b.idle() and b.queued_images == 0
