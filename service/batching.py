@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -87,12 +88,14 @@ class Batcher:
         load: Callable[[], tuple[int, float]] = lambda: (1, 0.0),
         retry_after_s: int = 1,
         on_handoff: Callable[[str, float], None] | None = None,
+        max_run_ms: float = math.inf,
     ) -> None:
         self.clock = clock
         self.retry_after_s = retry_after_s
         """Retry-After of the 503 for a job dropped as late, or left when stopping."""
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
+        self.max_run_ms = max_run_ms
         self.workers = workers
         self._queues: dict[Runnable, list[QueueEntry]] = {}
         self._images: dict[Runnable, int] = {}
@@ -259,6 +262,7 @@ class Batcher:
                         variant.predict_ms,
                         self.max_batch,
                         self.max_wait_ms,
+                        self.max_run_ms,
                     )
                     if plan.wait_until_s is not None:
                         self._work.wait(max(plan.wait_until_s - now, 0.0))

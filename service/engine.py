@@ -126,6 +126,7 @@ class Engine:
             load=lambda: (self.active_requests, self.loop_lag.lag_ms),
             retry_after_s=settings.retry_after_s,
             on_handoff=self._handoff,
+            max_run_ms=settings.max_batch_ms,
         )
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -133,22 +133,25 @@ def plan_batch(
     cost_ms: Callable[[int], float],
     max_batch: int,
     max_wait_ms: float,
+    max_run_ms: float = math.inf,
 ) -> Dispatch:
     """Which queued items (in deadline order) form the next batch, and whether to wait.
 
-    Take items in earliest-deadline order while they fit in `max_batch` images. A full
-    batch runs at once; otherwise it may wait for company up to `max_wait_ms` after its
-    oldest member arrived, but never past the latest start of its most urgent member
-    (deadline minus the predicted run time).
+    Take items in earliest-deadline order while they fit in `max_batch` images and in a
+    predicted `max_run_ms` (the first item always goes). A full batch runs at once;
+    otherwise it may wait for company up to `max_wait_ms` after its oldest member arrived,
+    but never past the latest start of its most urgent member (deadline minus the
+    predicted run time).
     """
     count, images = 0, 0
     for item in queue:
-        if count and images + item.images > max_batch:
+        more = images + item.images
+        if count and (more > max_batch or cost_ms(more) > max_run_ms):
             break
-        count, images = count + 1, images + item.images
+        count, images = count + 1, more
     if count == 0:
         return Dispatch(0)
-    if images >= max_batch or max_wait_ms <= 0:
+    if images >= max_batch or max_wait_ms <= 0 or cost_ms(images + 1) > max_run_ms:
         return Dispatch(count)
     oldest = min(item.enqueued_s for item in queue[:count])
     urgent = min(item.deadline_s for item in queue[:count])

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     """Most images in one onnxruntime run."""
     max_batch_wait_ms: float = Field(default=0.0, ge=0)
     """Longest a batch waits for company (never past its most urgent member's slack)."""
+    max_batch_ms: float = Field(default=math.inf, gt=0)
+    """A batch takes only as many images as are predicted to run within this many ms (at
+    least one request): work that arrives meanwhile waits at most that long for the
+    thread. "inf": only `max_batch_size` bounds a batch."""
     inline_run_max_ms: float = Field(default=0.0, ge=0)
     """Opt-in: an idle server runs a batch predicted to take at most this long on the event
     loop instead of the inference thread (saves the hand-off at low load). 0, the default:

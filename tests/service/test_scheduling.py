@@ -128,6 +128,20 @@ def test_plan_batch_takes_edf_order_up_to_max_batch() -> None:
     assert plan_batch([], 0.0, lambda n: 1.0, 32, 0.0) == Dispatch(0)
 
 
+def test_plan_batch_stops_at_the_predicted_run_time_cap() -> None:
+    """With `max_run_ms`, a batch takes only what is predicted to run within it (at least
+    its first request, however long that takes), and a batch at the cap does not wait."""
+    queue = [Queued(1.0 + i, 1, 0.0) for i in range(10)]
+    per_image = lambda n: 2.0 * n  # noqa: E731
+    assert plan_batch(queue, 0.0, per_image, 32, 0.0, max_run_ms=6.0) == Dispatch(3)
+    assert plan_batch(queue, 0.0, per_image, 32, 0.0, max_run_ms=1.0) == Dispatch(1)
+    big = [Queued(1.0, 8, 0.0), Queued(2.0, 1, 0.0)]
+    assert plan_batch(big, 0.0, per_image, 32, 0.0, max_run_ms=6.0) == Dispatch(1)
+    # Waiting for company is pointless once the next image would cross the cap.
+    assert plan_batch(queue[:3], 0.0, per_image, 32, 50.0, max_run_ms=6.0) == Dispatch(3)
+    assert plan_batch(queue, 0.0, per_image, 32, 0.0) == Dispatch(10)  # no cap
+
+
 def test_plan_batch_without_wait_runs_at_once() -> None:
     assert plan_batch([Queued(5.0, 1, 0.0)], 0.0, lambda n: 1.0, 32, 0.0) == Dispatch(1)
 
