@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from service.errors import TooManyRequests, Unauthorized
@@ -80,7 +80,7 @@ class Access:
         """`check`, unless the request (its ASGI scope's `state`) needs none: the server's
         own warm-up (marked in the scope, which no client can set), or a request already
         checked; then marks it checked."""
-        if not exempt(state):
+        if not (state.get(WARMUP_STATE_KEY, False) or state.get(ACCESS_CHECKED_KEY, False)):
             self.check(authorization, client_host)
             state[ACCESS_CHECKED_KEY] = True
 
@@ -91,8 +91,3 @@ class Access:
         client = token or client_host or "unknown"
         if self.limiter is not None and not self.limiter.allow(client, self.clock()):
             raise TooManyRequests("rate limit exceeded", self.retry_after_s)
-
-
-def exempt(state: Mapping[str, Any]) -> bool:
-    """Whether a request needs no access check: a warm-up request, or one already checked."""
-    return bool(state.get(WARMUP_STATE_KEY, False) or state.get(ACCESS_CHECKED_KEY, False))

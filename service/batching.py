@@ -176,7 +176,6 @@ class Batcher:
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
         self._threads = []
-        await asyncio.sleep(0)  # results the threads posted before they ended
         with self._lock:
             left = [entry[2] for queue in self._queues.values() for entry in queue]
             self._queues.clear()
@@ -270,9 +269,9 @@ class Batcher:
                         continue
                     taken = [entry[2] for entry in queue[: plan.count]]
                     del queue[: plan.count]
-                    self._images[variant] -= sum(job.size for job in taken)
-                    changes.append((variant, self._images[variant]))
                     size = sum(job.size for job in taken)
+                    self._images[variant] -= size
+                    changes.append((variant, self._images[variant]))
                     self._running_until[index] = now + variant.predict_ms(size) / 1000.0
                     self.running_batches += 1
                     return taken, woke

@@ -143,15 +143,20 @@ def plan_batch(
     but never past the latest start of its most urgent member (deadline minus the
     predicted run time).
     """
+    capped = not math.isinf(max_run_ms)  # predictions only when a cap asks for them
+
+    def over_cap(n: int) -> bool:
+        return capped and cost_ms(n) > max_run_ms
+
     count, images = 0, 0
     for item in queue:
         more = images + item.images
-        if count and (more > max_batch or cost_ms(more) > max_run_ms):
+        if count and (more > max_batch or over_cap(more)):
             break
         count, images = count + 1, more
     if count == 0:
         return Dispatch(0)
-    if images >= max_batch or max_wait_ms <= 0 or cost_ms(images + 1) > max_run_ms:
+    if images >= max_batch or max_wait_ms <= 0 or over_cap(images + 1):
         return Dispatch(count)
     oldest = min(item.enqueued_s for item in queue[:count])
     urgent = min(item.deadline_s for item in queue[:count])
