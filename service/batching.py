@@ -89,7 +89,6 @@ class Batcher:
         retry_after_s: int = 1,
         on_handoff: Callable[[str, float], None] | None = None,
         max_run_ms: float = math.inf,
-        fast_lane_ms: float = 0.0,
     ) -> None:
         self.clock = clock
         self.retry_after_s = retry_after_s
@@ -98,9 +97,6 @@ class Batcher:
         self.max_wait_ms = max_wait_ms
         self.max_run_ms = max_run_ms
         self.workers = workers
-        self.fast_lane_ms = fast_lane_ms
-        """Above 0: one more thread, the fast lane (index `workers`), that takes only runs
-        predicted within this many ms, so short work never waits behind a deep batch."""
         self._queues: dict[Runnable, list[QueueEntry]] = {}
         self._images: dict[Runnable, int] = {}
         self._seq = itertools.count()
@@ -131,10 +127,7 @@ class Batcher:
             queue = self._queues.setdefault(job.variant, [])
             bisect.insort(queue, (order, next(self._seq), job))
             images = self._images[job.variant] = self._images.get(job.variant, 0) + job.size
-            if self.fast_lane_ms > 0:
-                self._work.notify_all()  # one waiter may be a lane that cannot take it
-            else:
-                self._work.notify()
+            self._work.notify()
         self._on_queue_change(job.variant, images)
         return job.future
 
@@ -156,21 +149,11 @@ class Batcher:
         return ahead
 
     def running_remaining_ms(self) -> float:
-        """Predicted ms until a worker frees up (0 when one is idle); the fast lane aside."""
-        snapshot = list(self._running_until.items())  # one C call: safe against the threads
-        running = [t for i, t in snapshot if i < self.workers]
+        """Predicted ms until a worker frees up (0 when one is idle)."""
+        running = list(self._running_until.values())
         if len(running) < self.workers:
             return 0.0
         return max(min(running) - self.clock(), 0.0) * 1000.0
-
-    def fast_lane_remaining_ms(self) -> float:
-        """Predicted ms until the fast lane frees up (0 when idle)."""
-        until = self._running_until.get(self.workers)
-        return 0.0 if until is None else max(until - self.clock(), 0.0) * 1000.0
-
-    def _short(self, variant: Runnable) -> bool:
-        """Whether the fast lane takes `variant`: a run of one image within its limit."""
-        return variant.predict_ms(1) <= self.fast_lane_ms
 
     def idle(self) -> bool:
         return self.queued_images == 0 and self.running_batches == 0
@@ -179,15 +162,9 @@ class Batcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        lanes = self.workers + (1 if self.fast_lane_ms > 0 else 0)
         self._threads = [
-            threading.Thread(
-                target=self._worker,
-                args=(i,),
-                name=f"inference-{i}" if i < self.workers else "inference-fast-lane",
-                daemon=True,
-            )
-            for i in range(lanes)
+            threading.Thread(target=self._worker, args=(i,), name=f"inference-{i}", daemon=True)
+            for i in range(self.workers)
         ]
         for thread in self._threads:
             thread.start()
@@ -265,19 +242,13 @@ class Batcher:
         """The next batch for thread `index`, and whether the thread slept idle first;
         None at stop. Blocks while there is nothing to run."""
         woke = False
-        fast = index >= self.workers
-        max_run_ms = min(self.max_run_ms, self.fast_lane_ms) if fast else self.max_run_ms
         changes: list[tuple[Runnable, int]] = []
         try:
             with self._work:
                 while not self._stopping:
                     now = self.clock()
                     changes += self._drop_dead(now)
-                    heads = {
-                        v: q[0][0]
-                        for v, q in self._queues.items()
-                        if q and (not fast or self._short(v))
-                    }
+                    heads = {v: q[0][0] for v, q in self._queues.items() if q}
                     variant = pick_queue(heads)
                     if variant is None:
                         self._work.wait()
@@ -290,7 +261,7 @@ class Batcher:
                         variant.predict_ms,
                         self.max_batch,
                         self.max_wait_ms,
-                        max_run_ms,
+                        self.max_run_ms,
                     )
                     if plan.wait_until_s is not None:
                         self._work.wait(max(plan.wait_until_s - now, 0.0))

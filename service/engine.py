@@ -28,7 +28,6 @@ from service.scheduling import (
     Candidate,
     backlog_ms,
     choose_variant,
-    fast_lane_completion_ms,
     next_stream_column,
     predict_completion_ms,
 )
@@ -128,7 +127,6 @@ class Engine:
             retry_after_s=settings.retry_after_s,
             on_handoff=self._handoff,
             max_run_ms=settings.max_batch_ms,
-            fast_lane_ms=settings.fast_lane_ms,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -237,20 +235,17 @@ class Engine:
         ahead = self.batcher.ahead_of(order_s)
         running = self.batcher.running_remaining_ms()
         cost = _cost_of(model)
-        max_batch = self.settings.max_batch_size
-        lane_ms = self.settings.fast_lane_ms
-        lane_running = self.batcher.fast_lane_remaining_ms() if lane_ms > 0 else 0.0
 
         def completion(c: Candidate) -> float:
-            ms = predict_completion_ms(
-                c.key, n, ahead, running, cost, max_batch, self.settings.inference_workers
+            return predict_completion_ms(
+                c.key,
+                n,
+                ahead,
+                running,
+                cost,
+                self.settings.max_batch_size,
+                self.settings.inference_workers,
             )
-            if lane_ms > 0:
-                lane = fast_lane_completion_ms(
-                    c.key, n, ahead, lane_running, cost, max_batch, lane_ms
-                )
-                ms = min(ms, lane)
-            return ms
 
         return completion
 

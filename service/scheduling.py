@@ -68,44 +68,6 @@ def predict_completion_ms(
     return running_remaining_ms + other / max(workers, 1) + own
 
 
-def lane_batch(cost_ms: Callable[[int], float], limit_ms: float, max_batch: int) -> int:
-    """Most images (at least one, at most `max_batch`) whose run is predicted within
-    `limit_ms`; `cost_ms` rises with the batch size."""
-    low, high = 1, max_batch
-    while low < high:
-        mid = (low + high + 1) // 2
-        if cost_ms(mid) <= limit_ms:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def fast_lane_completion_ms(
-    key: str,
-    images: int,
-    ahead: Sequence[Waiting],
-    running_remaining_ms: float,
-    cost: CostFn,
-    max_batch: int,
-    limit_ms: float,
-) -> float:
-    """Predicted ms until the fast lane completes a request for `key` (inf when the lane
-    does not take `key`).
-
-    The lane is one more inference thread that runs only short work: variants whose run
-    of one image is predicted within `limit_ms`, in batches predicted within it. So only
-    such variants' queued work is ahead of the request there, never a deep batch; the
-    lane's batches of `key` are what fits the limit (other short variants are costed with
-    the same batch size: a slight overestimate when theirs is larger).
-    """
-    if cost(key, 1) > limit_ms:
-        return math.inf
-    short = [w for w in ahead if cost(w.key, 1) <= limit_ms]
-    batch = lane_batch(lambda n: cost(key, n), limit_ms, max_batch)
-    return predict_completion_ms(key, images, short, running_remaining_ms, cost, batch)
-
-
 def choose_variant(
     candidates: Sequence[Candidate],
     budget_ms: float,

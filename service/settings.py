@@ -37,10 +37,6 @@ class Settings(BaseSettings):
     """A batch takes only as many images as are predicted to run within this many ms (at
     least one request): work that arrives meanwhile waits at most that long for the
     thread. "inf": only `max_batch_size` bounds a batch."""
-    fast_lane_ms: float = Field(default=0.0, ge=0)
-    """Above 0: one more inference thread that runs only work predicted within this many
-    ms a run (the shallow columns), so that a short answer never waits behind a deep
-    batch. 0: off."""
     inline_run_max_ms: float = Field(default=0.0, ge=0)
     """Opt-in: an idle server runs a batch predicted to take at most this long on the event
     loop instead of the inference thread (saves the hand-off at low load). 0, the default:

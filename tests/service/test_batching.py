@@ -294,34 +294,3 @@ async def test_many_jobs_submitted_while_the_thread_runs_all_come_back() -> None
     assert [int(r.probabilities[0, 0]) for r in results] == [i % 250 for i in range(400)]
     assert sum(n for v in variants for _, n in v.runs) == 400
     assert b.idle() and b.queued_images == 0
-
-
-async def test_the_fast_lane_runs_short_work_while_a_deep_batch_runs() -> None:
-    """With a fast lane, a short job does not wait for the thread that is in a deep run;
-    deep work never goes to the lane."""
-    clock = FakeClock()
-    release = threading.Event()
-
-    class Blocking(FakeVariant):
-        def run(self, images: np.ndarray) -> np.ndarray:
-            release.wait(5.0)
-            return super().run(images)
-
-    deep, short = Blocking("deep", cost_ms=30.0), FakeVariant("short", cost_ms=0.5)
-    b = Batcher(clock, max_batch=8, max_wait_ms=0, fast_lane_ms=2.0)
-    b.start()
-    slow = b.submit(job(deep, 1, deadline=1.0, clock=clock))
-    give_up = time.monotonic() + 5.0
-    while b.running_batches == 0 and time.monotonic() < give_up:
-        await asyncio.sleep(0.001)
-    assert b.running_remaining_ms() == 30.0 and b.fast_lane_remaining_ms() == 0.0
-    quick = await asyncio.wait_for(b.submit(job(short, 2, deadline=2.0, clock=clock)), 5.0)
-    assert int(quick.probabilities[0, 0]) == 2 and not slow.done()
-    second = b.submit(job(deep, 3, deadline=3.0, clock=clock))  # waits for the deep thread
-    await asyncio.sleep(0.05)
-    assert not second.done()
-    release.set()
-    assert [int((await f).probabilities[0, 0]) for f in (slow, second)] == [1, 3]
-    await b.stop()
-    assert deep.runs == [("deep", 1), ("deep", 1)] and len(set(deep.threads)) == 1
-    assert short.threads[0] not in deep.threads

@@ -11,8 +11,6 @@ from service.scheduling import (
     Waiting,
     backlog_ms,
     choose_variant,
-    fast_lane_completion_ms,
-    lane_batch,
     next_stream_column,
     pick_queue,
     plan_batch,
@@ -108,33 +106,6 @@ def test_completion_spills_into_a_second_batch() -> None:
     assert predict_completion_ms("column_1", 1, ahead, 0.0, flat, 32) == flat(
         "column_1", 32
     ) + flat("column_1", 1)
-
-
-def test_lane_batch_is_the_most_images_within_the_limit() -> None:
-    def cost(n: int) -> float:
-        return 1.0 + 0.5 * n
-
-    assert lane_batch(cost, 3.0, 32) == 4  # 3.0 ms at 4 images, 3.5 at 5
-    assert lane_batch(cost, 100.0, 32) == 32  # never past the batch size
-    assert lane_batch(cost, 0.1, 32) == 1  # at least one image
-
-
-def test_the_fast_lane_sees_only_short_work_ahead() -> None:
-    ahead = [Waiting("column_4", 2), Waiting("column_1", 2)]
-    # Column 1 (5 ms a run) in a 6 ms lane: the deep batch ahead is not in its way, the
-    # column-1 images ahead ride in its batch, after the lane's own running batch.
-    assert fast_lane_completion_ms("column_1", 1, ahead, 2.0, flat, 32, 6.0) == 2.0 + flat(
-        "column_1", 3
-    )
-    # The lane's batches stop at its limit: 6 ms holds 3 column-1 images, so with three
-    # ahead the request waits for a second run.
-    assert lane_batch(lambda n: flat("column_1", n), 6.0, 32) == 3
-    ahead = [Waiting("column_4", 2), Waiting("column_1", 3)]
-    assert fast_lane_completion_ms("column_1", 1, ahead, 0.0, flat, 32, 6.0) == flat(
-        "column_1", 3
-    ) + flat("column_1", 1)
-    # Variants too long for the lane never finish there.
-    assert fast_lane_completion_ms("column_2", 1, [], 0.0, flat, 32, 6.0) == math.inf
 
 
 def test_stream_order_aims_at_the_deepest_that_fits() -> None:
