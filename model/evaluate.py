@@ -10,21 +10,25 @@ profile; `--update-manifest` writes both back into the manifest.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.data import DATASETS, Split, load_split
+from model.significance import compare
 from model.train import (
     calibration_batches,
     dist_from_env,
-    evaluate,
+    head_outputs,
     load_checkpoint,
     model_from_checkpoint,
     pick_device,
+    summarize,
 )
 from service.bundle import (
     MANIFEST,
@@ -37,11 +41,11 @@ from service.bundle import (
 )
 from service.runtime import (
     SessionConfig,
-    accuracy,
     available_cpus,
     create_session,
     describe_machine,
     measure_latency_ms,
+    predicted_classes,
 )
 
 log = logging.getLogger("model.evaluate")
@@ -58,6 +62,16 @@ class VariantScore:
     accuracy: float
     ms_by_batch: dict[int, float]
     manifest_accuracy: float | None
+    right: np.ndarray | None = None
+    """Per test image, whether the variant got it right."""
+
+
+@dataclass(frozen=True)
+class CheckpointScores:
+    heads: dict[str, dict[str, float]]
+    """Loss and top-1 of the whole network ("full") and of every column ("column_K")."""
+    right: dict[str, np.ndarray]
+    """Per head and test image, whether it got the image right."""
 
 
 def load_test_split(
@@ -78,7 +92,7 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     limit: int | None = None,
     device: torch.device | None = None,
-) -> dict[str, dict[str, float]]:
+) -> CheckpointScores:
     """Loss and top-1 of the whole network and of each column, as training reports them."""
     device = device or torch.device("cpu")
     ckpt = load_checkpoint(path)
@@ -93,7 +107,10 @@ def evaluate_checkpoint(
     rest, _ = train.holdout(int(hold["count"]), seed=int(hold["seed"]))
     test = load_test_split(dataset, data_dir, size, ckpt["classes"], limit)
     log.info("%s: %d test images of %s on %s", path, len(test), dataset, device)
-    return evaluate(net, test, norm, device, calibration_batches(rest, norm, device))
+    outputs = head_outputs(net, test, norm, device, calibration_batches(rest, norm, device))
+    return CheckpointScores(
+        summarize(outputs, len(test)), {head: right for head, (_, right) in outputs.items()}
+    )
 
 
 def evaluate_bundle(
@@ -113,12 +130,13 @@ def evaluate_bundle(
     scores = []
     for v in manifest.variants:
         session = create_session(folder / v.file, config)
-        acc = accuracy(session, test.images, test.labels)
+        right = predicted_classes(session, test.images) == test.labels
+        acc = float(right.sum()) / max(len(right), 1)
         ms = measure_latency_ms(
             session, manifest.input.height, manifest.input.width, BATCH_SIZES, latency_repeats
         )
         log.info("%s: top-1 %.4f on %d images, latency %s ms", v.key, acc, len(test), ms)
-        scores.append(VariantScore(v.key, acc, ms, v.accuracy))
+        scores.append(VariantScore(v.key, acc, ms, v.accuracy, right))
     return scores
 
 
@@ -171,6 +189,37 @@ def bundle_table(scores: Sequence[VariantScore]) -> str:
     return format_table(headers, rows)
 
 
+def depth_table(right: Sequence[tuple[str, np.ndarray]]) -> str:
+    """Each column against the one before it, on the same images (McNemar's exact test):
+    whether accuracy rising with depth is more than chance. `right`: (name, per-image
+    right/wrong) in column order."""
+    headers = ["column", "against", "top-1 change", "only it right", "only the other", "p"]
+    rows = []
+    for (before, b), (name, r) in itertools.pairwise(right):
+        paired = compare(b, r)
+        p = paired.p_value
+        rows.append(
+            [
+                name,
+                before,
+                f"{100 * paired.difference:+.2f} points",
+                str(paired.only_second),
+                str(paired.only_first),
+                "<0.0001" if p < 1e-4 else f"{p:.4f}",
+            ]
+        )
+    return format_table(headers, rows, left=2)
+
+
+def fp32_columns(
+    manifest: Manifest, scores: Sequence[VariantScore]
+) -> list[tuple[str, np.ndarray]]:
+    """The fp32 columns' per-image right/wrong, shallowest first."""
+    right = {s.key: s.right for s in scores}
+    fp32 = sorted((v for v in manifest.variants if v.precision == "fp32"), key=lambda v: v.column)
+    return [(v.key, r) for v in fp32 if (r := right.get(v.key)) is not None]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fractal eval", description=__doc__.splitlines()[0])
     p.add_argument("path", type=Path, help="a checkpoint (.pt) or a bundle folder")
@@ -212,17 +261,18 @@ def run(args: argparse.Namespace) -> str:
         scores = evaluate_bundle(
             path, args.dataset, args.data_dir, args.limit, args.threads, args.latency_repeats
         )
+        text = f"{bundle_table(scores)}\n\n{depth_table(fp32_columns(manifest, scores))}"
         if not args.update_manifest:
-            return bundle_table(scores)
+            return text
         write_manifest(path, updated_manifest(manifest, scores, describe_machine()))
-        return f"{bundle_table(scores)}\nupdated {path / MANIFEST}"
+        return f"{text}\nupdated {path / MANIFEST}"
     if path.is_file():
         if args.update_manifest:
             raise ValueError("--update-manifest applies to bundles only")
         device = pick_device(args.device, dist_from_env())
-        return checkpoint_table(
-            evaluate_checkpoint(path, args.dataset, args.data_dir, args.limit, device)
-        )
+        result = evaluate_checkpoint(path, args.dataset, args.data_dir, args.limit, device)
+        columns = [(head, r) for head, r in result.right.items() if head != "full"]
+        return f"{checkpoint_table(result.heads)}\n\n{depth_table(columns)}"
     raise FileNotFoundError(f"{path} is neither a checkpoint nor a bundle folder")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -171,19 +172,21 @@ def calibration_batches(
 
 
 @torch.no_grad()
-def evaluate(
+def head_outputs(
     net: FractalNet,
     split: Split,
     norm: tuple[torch.Tensor, torch.Tensor],
     device: torch.device,
     calibration: list[torch.Tensor],
     batch_size: int = 500,
-) -> dict[str, dict[str, float]]:
-    """Loss and top-1 accuracy of the whole network and of every column alone, each with
-    its own BatchNorm statistics (see `model.recalibrate`)."""
+) -> dict[str, tuple[float, np.ndarray]]:
+    """Summed loss and, per image, whether the head got it right: for the whole network
+    and for every column alone, each with its own BatchNorm statistics (see
+    `model.recalibrate`)."""
     heads: list[int | None] = [None, *range(1, net.config.columns + 1)]
     nets = {h: recalibrate_batchnorm(net, h, calibration) for h in heads}
-    sums = {h: [0.0, 0] for h in heads}
+    losses = dict.fromkeys(heads, 0.0)
+    right: dict[int | None, list[torch.Tensor]] = {h: [] for h in heads}
     images = torch.from_numpy(split.images)
     labels = torch.from_numpy(split.labels)
     for start in range(0, len(split), batch_size):
@@ -192,12 +195,25 @@ def evaluate(
         with autocast(device):
             for h in heads:
                 logits = nets[h](x, column=h).float()
-                sums[h][0] += F.cross_entropy(logits, y, reduction="sum").item()
-                sums[h][1] += int((logits.argmax(1) == y).sum().item())
-    n = max(len(split), 1)
+                losses[h] += F.cross_entropy(logits, y, reduction="sum").item()
+                right[h].append((logits.argmax(1) == y).cpu())
     return {
-        ("full" if h is None else f"column_{h}"): {"loss": s[0] / n, "accuracy": s[1] / n}
-        for h, s in sums.items()
+        ("full" if h is None else f"column_{h}"): (
+            losses[h],
+            torch.cat(right[h]).numpy() if right[h] else np.zeros(0, dtype=bool),
+        )
+        for h in heads
+    }
+
+
+def summarize(
+    outputs: dict[str, tuple[float, np.ndarray]], images: int
+) -> dict[str, dict[str, float]]:
+    """Mean loss and top-1 of every head from `head_outputs`."""
+    n = max(images, 1)
+    return {
+        head: {"loss": loss / n, "accuracy": int(right.sum()) / n}
+        for head, (loss, right) in outputs.items()
     }
 
 
@@ -369,7 +385,8 @@ def train(args: argparse.Namespace) -> Path:
         last = epoch + 1 == args.epochs
         if d.is_main and ((epoch + 1) % args.eval_every == 0 or last):
             calib = calibration_batches(train_split, norm, device)
-            record["test"] = evaluate(net, test_split, norm, device, calib)
+            outputs = head_outputs(net, test_split, norm, device, calib)
+            record["test"] = summarize(outputs, len(test_split))
         # Every rank takes part in the gathers; only rank 0 writes.
         aug_states = _gather_states(aug_gen.get_state(), d)
         torch_states = _gather_states(_torch_rng_state(device), d)

@@ -160,9 +160,14 @@ def measure_latency_ms(
     return result
 
 
+def predicted_classes(session: object, images: np.ndarray, batch: int = 250) -> np.ndarray:
+    """The most probable class of every image."""
+    parts = [
+        run_probabilities(session, images[start : start + batch]).argmax(1)
+        for start in range(0, len(images), batch)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def accuracy(session: object, images: np.ndarray, labels: np.ndarray, batch: int = 250) -> float:
-    correct = 0
-    for start in range(0, len(labels), batch):
-        probs = run_probabilities(session, images[start : start + batch])
-        correct += int((probs.argmax(1) == labels[start : start + batch]).sum())
-    return correct / max(len(labels), 1)
+    return float((predicted_classes(session, images, batch) == labels).sum()) / max(len(labels), 1)

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.evaluate import (
@@ -25,13 +26,28 @@ def test_eval_checkpoint_reproduces_training(
     rows = (tiny_checkpoint.parent / "metrics.jsonl").read_text().splitlines()
     reported = json.loads(rows[-1])["test"]
     assert main([str(tiny_checkpoint), "--dataset", "digits"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    scores, depth = capsys.readouterr().out.split("\n\n")
+    lines = scores.splitlines()
     assert lines[0].split() == ["head", "loss", "top-1"]
     table = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert list(table) == ["full", "column_1", "column_2", "column_3", "column_4"]
     for head, (loss, top1) in table.items():
         assert float(top1) == pytest.approx(reported[head]["accuracy"], abs=5e-5)
         assert float(loss) == pytest.approx(reported[head]["loss"], abs=5e-5)
+    # Each column against the one before it, on the same test images.
+    accuracy = {head: float(row[1]) for head, row in table.items()}
+    _check_depth_table(depth, ["column_1", "column_2", "column_3", "column_4"], accuracy)
+
+
+def _check_depth_table(text: str, columns: list[str], accuracy: dict[str, float]) -> None:
+    lines = text.strip().splitlines()
+    assert lines[0].split()[:2] == ["column", "against"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1]) for r in rows] == list(zip(columns[1:], columns[:-1], strict=True))
+    for name, before, change, _, only_it, only_other, p in rows:
+        assert float(change) == pytest.approx(100 * (accuracy[name] - accuracy[before]), abs=0.02)
+        assert np.sign(float(change)) == np.sign(int(only_it) - int(only_other))
+        assert p == "<0.0001" or 0.0 <= float(p) <= 1.0
 
 
 def test_eval_bundle_limit(tiny_bundle: Path) -> None:
@@ -45,7 +61,8 @@ def test_eval_bundle_reproduces_the_manifest(
 ) -> None:
     manifest = load_bundle(tiny_bundle)
     assert main([str(tiny_bundle), "--latency-repeats", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    scores, depth = capsys.readouterr().out.split("\n\n")
+    lines = scores.splitlines()
     assert lines[0].split() == ["variant", "top-1", "manifest", "ms@1", "ms@8", "ms@32"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert set(rows) == {v.key for v in manifest.variants}
@@ -55,6 +72,9 @@ def test_eval_bundle_reproduces_the_manifest(
         # The export scored the same test images with the same runtime code.
         assert float(top1) == pytest.approx(float(recorded), abs=0.01)
         assert all(float(ms) > 0 for ms in latency)
+    fp32 = sorted((v for v in manifest.variants if v.precision == "fp32"), key=lambda v: v.column)
+    accuracy = {key: float(row[0]) for key, row in rows.items()}
+    _check_depth_table(depth, [v.key for v in fp32], accuracy)
 
 
 def test_update_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
