@@ -4,7 +4,8 @@ A checkpoint (`.pt`) is scored as the whole network and as each column alone, ea
 BatchNorm statistics re-estimated for its path on the training images the checkpoint
 trained on (see `model.recalibrate`). A bundle (a folder with `manifest.json`) is scored
 variant by variant through the same onnxruntime code the server runs, with a latency
-profile; `--update-manifest` writes both back into the manifest.
+profile; `--update-manifest` writes both back into the manifest. Both end with each column
+against the one before it on the same test images (`model.significance`).
 """
 
 from __future__ import annotations
