@@ -215,10 +215,11 @@ def depth_table(right: Sequence[tuple[str, np.ndarray]]) -> str:
 def fp32_columns(
     manifest: Manifest, scores: Sequence[VariantScore]
 ) -> list[tuple[str, np.ndarray]]:
-    """The fp32 columns' per-image right/wrong, shallowest first."""
+    """The fp32 columns' per-image right/wrong, shallowest first (a manifest has one fp32
+    variant per column)."""
     right = {s.key: s.right for s in scores}
-    fp32 = sorted((v for v in manifest.variants if v.precision == "fp32"), key=lambda v: v.column)
-    return [(v.key, r) for v in fp32 if (r := right.get(v.key)) is not None]
+    keys = [manifest.variant(k).key for k in range(1, manifest.columns + 1)]
+    return [(key, r) for key in keys if (r := right.get(key)) is not None]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
