@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.bundle import load_bundle
+from service.bundle import load_bundle, variant_key
 from service.runtime import (
     SessionConfig,
     create_session,
@@ -74,7 +74,7 @@ def floor(
     rng = np.random.default_rng(0)
     out: dict[str, dict[str, float]] = {}
     for v in manifest.variants:
-        if v.precision != "fp32":
+        if v.key != variant_key(v.column):
             continue
         session = create_session(bundle / v.file, SessionConfig(intra_op_threads=threads))
         one = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
@@ -120,7 +120,7 @@ def batched_floor(
     drift of the shared machine's speed between the start of the benchmark and that run
     does not pass for the server's overhead."""
     manifest = load_bundle(bundle)
-    v = next(v for v in manifest.variants if v.column == column and v.precision == "fp32")
+    v = manifest.variant(column)
     session = create_session(bundle / v.file, SessionConfig(intra_op_threads=threads))
     shape = (batch, manifest.input.height, manifest.input.width, 3)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)

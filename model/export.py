@@ -15,6 +15,7 @@ import itertools
 import logging
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from service.bundle import (
     Training,
     Variant,
     sha256_file,
+    variant_key,
     write_manifest,
 )
 from service.runtime import (
@@ -55,15 +57,31 @@ PARITY_BOUND = 1e-4
 """Largest |onnxruntime - torch| probability difference an fp32 export may show."""
 
 
+def viewed_logits(net: FractalNet, x: torch.Tensor, column: int, views: int) -> torch.Tensor:
+    """The column's logits for normalised NCHW images; with two views, the mean of the
+    logits of each image and of its mirror image (one run of a doubled batch)."""
+    if views == 1:
+        return net(x, column=column)
+    both = net(torch.cat([x, x.flip(3)]), column=column)
+    return both.reshape(2, -1, both.shape[1]).mean(0)
+
+
 class ServingColumn(nn.Module):
     """uint8 NHWC pixels -> (calibrated probabilities, logits) for one column."""
 
     def __init__(
-        self, net: FractalNet, column: int, mean: list[float], std: list[float], temperature: float
+        self,
+        net: FractalNet,
+        column: int,
+        mean: list[float],
+        std: list[float],
+        temperature: float,
+        views: int = 1,
     ) -> None:
         super().__init__()
         self.net = net
         self.column = column
+        self.views = views
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
         self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
@@ -71,7 +89,7 @@ class ServingColumn(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, inv_std = self.get_buffer("mean"), self.get_buffer("inv_std")
         x = (images.permute(0, 3, 1, 2).float() - mean) * inv_std
-        logits = self.net(x, column=self.column)
+        logits = viewed_logits(self.net, x, self.column, self.views)
         return torch.softmax(logits * self.get_buffer("inv_temperature"), dim=1), logits
 
 
@@ -114,10 +132,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def column_logits(net: FractalNet, column: int, split: Split, norm: Any) -> torch.Tensor:
+def column_logits(
+    net: FractalNet, column: int, split: Split, norm: Any, views: int = 1
+) -> torch.Tensor:
     images = torch.from_numpy(split.images)
     parts = [
-        net(to_tensor(images[i : i + 500], *norm), column=column) for i in range(0, len(split), 500)
+        viewed_logits(net, to_tensor(images[i : i + 500], *norm), column, views)
+        for i in range(0, len(split), 500)
     ]
     return torch.cat(parts) if parts else torch.zeros(0, net.config.num_classes)
 
@@ -190,6 +211,7 @@ def export_bundle(
     data_dir: str | None = None,
     dataset: str | None = None,
     int8: bool = False,
+    flip: bool = False,
     test_limit: int | None = None,
     calibration_limit: int = 5000,
     latency_repeats: int = 20,
@@ -211,81 +233,31 @@ def export_bundle(
         held_out = train
     held_out = held_out.subset(calibration_limit, seed=1)
     test = load_split(dataset, "test", data_dir, size).subset(test_limit, seed=0)
-    session_cfg = SessionConfig(intra_op_threads=available_cpus())
-    machine = describe_machine()
     out.mkdir(parents=True, exist_ok=True)
 
     bn_batches = calibration_batches(rest, norm, torch.device("cpu"))
+    ctx = _Context(
+        out=out,
+        session=SessionConfig(intra_op_threads=available_cpus()),
+        held_out=held_out,
+        test=test,
+        norm=norm,
+        size=size,
+        machine=describe_machine(),
+        latency_repeats=latency_repeats,
+        int8_images=train.subset(512, seed=2).images if int8 else None,
+    )
     variants: list[Variant] = []
     for column in range(1, config.columns + 1):
         column_net = recalibrate_batchnorm(net, column, bn_batches)
-        held_logits = column_logits(column_net, column, held_out, norm)
-        labels = torch.from_numpy(held_out.labels)
-        temperature = fit_temperature(held_logits, labels)
-        calib = Calibration(
-            temperature=round(temperature, 6),
-            ece_before=expected_calibration_error(held_logits.softmax(1).numpy(), held_out.labels),
-            ece_after=expected_calibration_error(
-                (held_logits / temperature).softmax(1).numpy(), held_out.labels
-            ),
-            images=len(held_out),
-        )
-        module = ServingColumn(
-            column_net, column, norm_cfg["mean"], norm_cfg["std"], temperature
-        ).eval()
-        path = out / f"column_{column}.onnx"
-        export_onnx(module, path, size)
-        session = create_session(path, session_cfg)
-        check = test.images[:64]
-        with torch.no_grad():
-            expected = module(torch.from_numpy(check))[0].numpy()
-        diff = float(np.abs(run_probabilities(session, check) - expected).max())
-        log.info(
-            "column %d: T=%.3f ECE %.4f -> %.4f, max |onnx - torch| = %.2e",
-            column,
-            temperature,
-            calib.ece_before,
-            calib.ece_after,
-            diff,
-        )
-        if diff > PARITY_BOUND:
-            raise RuntimeError(f"column {column}: ONNX differs from torch by {diff:.2e}")
         common = {
             "column": column,
             "depth": config.column_depth(column),
             "parameters": column_parameters(net, column),
             "macs": column_macs(config, column),
-            "calibration": calib,
         }
-        variants.append(
-            _measured(
-                path,
-                out,
-                session,
-                test,
-                size,
-                machine,
-                latency_repeats,
-                common | {"precision": "fp32", "max_abs_diff": diff},
-            )
-        )
-        if int8:
-            q_path = out / f"column_{column}_int8.onnx"
-            quantize_int8(path, q_path, train.subset(512, seed=2).images)
-            q_session = create_session(q_path, session_cfg)
-            q_diff = float(np.abs(run_probabilities(q_session, check) - expected).max())
-            variants.append(
-                _measured(
-                    q_path,
-                    out,
-                    q_session,
-                    test,
-                    size,
-                    machine,
-                    latency_repeats,
-                    common | {"precision": "int8", "max_abs_diff": q_diff},
-                )
-            )
+        for views in (1, 2) if flip else (1,):
+            variants += _export_column(column_net, column, views, common, ctx)
 
     args = ckpt.get("args", {})
     manifest = Manifest(
@@ -315,24 +287,77 @@ def export_bundle(
     return manifest
 
 
-def _measured(
-    path: Path,
-    out: Path,
-    session: object,
-    test: Split,
-    size: int,
-    machine: str,
-    repeats: int,
-    fields: dict[str, Any],
-) -> Variant:
-    acc = accuracy(session, test.images, test.labels)
-    latency = measure_latency_ms(session, size, size, repeats=repeats)
+@dataclass(frozen=True)
+class _Context:
+    """What exporting every variant shares."""
+
+    out: Path
+    session: SessionConfig
+    held_out: Split
+    test: Split
+    norm: tuple[torch.Tensor, torch.Tensor]
+    size: int
+    machine: str
+    latency_repeats: int
+    int8_images: np.ndarray | None
+
+
+def _export_column(
+    column_net: FractalNet, column: int, views: int, common: dict[str, Any], ctx: _Context
+) -> list[Variant]:
+    """The column's fp32 variant with `views` views (temperature fitted, exported, checked
+    against torch, measured), and its int8 variant when asked for."""
+    held_logits = column_logits(column_net, column, ctx.held_out, ctx.norm, views)
+    labels = ctx.held_out.labels
+    temperature = fit_temperature(held_logits, torch.from_numpy(labels))
+    scaled = (held_logits / temperature).softmax(1).numpy()
+    calib = Calibration(
+        temperature=round(temperature, 6),
+        ece_before=expected_calibration_error(held_logits.softmax(1).numpy(), labels),
+        ece_after=expected_calibration_error(scaled, labels),
+        images=len(ctx.held_out),
+    )
+    mean, std = (t.tolist() for t in ctx.norm)
+    module = ServingColumn(column_net, column, mean, std, temperature, views).eval()
+    fields = common | {"views": views, "calibration": calib}
+    key = variant_key(column, "fp32", views)
+    path = ctx.out / f"{key}.onnx"
+    export_onnx(module, path, ctx.size)
+    session = create_session(path, ctx.session)
+    check = ctx.test.images[:64]
+    with torch.no_grad():
+        expected = module(torch.from_numpy(check))[0].numpy()
+    diff = float(np.abs(run_probabilities(session, check) - expected).max())
+    log.info(
+        "%s: T=%.3f ECE %.4f -> %.4f, max |onnx - torch| = %.2e",
+        key,
+        temperature,
+        calib.ece_before,
+        calib.ece_after,
+        diff,
+    )
+    if diff > PARITY_BOUND:
+        raise RuntimeError(f"{key}: ONNX differs from torch by {diff:.2e}")
+    variants = [_measured(path, session, ctx, fields | {"precision": "fp32", "max_abs_diff": diff})]
+    if ctx.int8_images is not None:
+        q_path = ctx.out / f"{variant_key(column, 'int8', views)}.onnx"
+        quantize_int8(path, q_path, ctx.int8_images)
+        q_session = create_session(q_path, ctx.session)
+        q_diff = float(np.abs(run_probabilities(q_session, check) - expected).max())
+        q_fields = fields | {"precision": "int8", "max_abs_diff": q_diff}
+        variants.append(_measured(q_path, q_session, ctx, q_fields))
+    return variants
+
+
+def _measured(path: Path, session: object, ctx: _Context, fields: dict[str, Any]) -> Variant:
+    acc = accuracy(session, ctx.test.images, ctx.test.labels)
+    latency = measure_latency_ms(session, ctx.size, ctx.size, repeats=ctx.latency_repeats)
     log.info("%s: top-1 %.4f, latency %s ms", path.name, acc, latency)
     return Variant(
         file=path.name,
         sha256=sha256_file(path),
         accuracy=round(acc, 6),
-        latency=LatencyProfile(ms_by_batch=latency, machine=machine),
+        latency=LatencyProfile(ms_by_batch=latency, machine=ctx.machine),
         **fields,
     )
 
@@ -347,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
     p.add_argument("--data-dir", help="dataset location (as for training)")
     p.add_argument("--int8", action="store_true", help="also write static int8 variants")
+    p.add_argument(
+        "--flip",
+        action="store_true",
+        help="also write two-view variants (the image and its mirror, logits averaged)",
+    )
     p.add_argument("--test-limit", type=int, help="evaluate on only this many test images")
     p.add_argument("--latency-repeats", type=int, default=20)
     args = p.parse_args(argv)
@@ -359,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         data_dir=args.data_dir,
         dataset=args.dataset,
         int8=args.int8,
+        flip=args.flip,
         test_limit=args.test_limit,
         latency_repeats=args.latency_repeats,
         description=args.description,

@@ -1,4 +1,4 @@
-"""The model bundle: `manifest.json` plus one ONNX file per (column, precision) variant.
+"""The model bundle: `manifest.json` plus one ONNX file per (column, precision, views) variant.
 
 This schema is the contract between the exporter (`model.export`, which imports it) and
 the server. `load_bundle` refuses a bundle whose files are missing or whose hashes differ.
@@ -17,6 +17,17 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 Precision = Literal["fp32", "int8"]
+Views = Literal[1, 2]
+"""Test-time views a variant averages: 1 (the image), or 2 (the image and its mirror)."""
+
+
+def variant_key(column: int, precision: str = "fp32", views: int = 1) -> str:
+    """`column_4`, `column_4_int8`, `column_4_flip`, `column_4_int8_flip`."""
+    return (
+        f"column_{column}"
+        + ("" if precision == "fp32" else f"_{precision}")
+        + ("" if views == 1 else "_flip")
+    )
 
 
 class BundleError(Exception):
@@ -60,6 +71,11 @@ class Calibration(_Strict):
 class Variant(_Strict):
     column: int = Field(ge=1)
     precision: Precision = "fp32"
+    views: Views = Field(
+        default=1,
+        description="2: the graph averages the logits of the image and of its mirror image "
+        "(twice the cost of one view)",
+    )
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     depth: int = Field(ge=1, description="conv layers on this column's path")
@@ -74,7 +90,7 @@ class Variant(_Strict):
 
     @property
     def key(self) -> str:
-        return f"column_{self.column}" + ("" if self.precision == "fp32" else f"_{self.precision}")
+        return variant_key(self.column, self.precision, self.views)
 
 
 class Training(_Strict):
@@ -104,21 +120,24 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        fp32 = sorted(v.column for v in self.variants if v.precision == "fp32")
+        fp32 = sorted(v.column for v in self.variants if v.key == variant_key(v.column))
         if fp32 != list(range(1, self.columns + 1)):
-            raise ValueError(f"need one fp32 variant per column 1..{self.columns}, got {fp32}")
+            raise ValueError(
+                f"need one single-view fp32 variant per column 1..{self.columns}, got {fp32}"
+            )
         keys = [v.key for v in self.variants]
         if len(set(keys)) != len(keys):
-            raise ValueError("duplicate (column, precision) variants")
+            raise ValueError("duplicate (column, precision, views) variants")
         if any(v.column > self.columns for v in self.variants):
             raise ValueError("a variant names a column beyond `columns`")
         return self
 
-    def variant(self, column: int, precision: Precision = "fp32") -> Variant:
+    def variant(self, column: int, precision: Precision = "fp32", views: Views = 1) -> Variant:
+        key = variant_key(column, precision, views)
         for v in self.variants:
-            if v.column == column and v.precision == precision:
+            if v.key == key:
                 return v
-        raise KeyError(f"no variant column={column} precision={precision}")
+        raise KeyError(f"no variant {key}")
 
 
 def sha256_file(path: Path) -> str:

@@ -196,6 +196,7 @@ def format_answer(answer: dict[str, Any]) -> str:
         f"{answer.get('class_name')}  {_percent(answer.get('confidence'))}  "
         f"column {answer.get('column')}/{answer.get('columns')} "
         f"(depth {answer.get('depth')}, {answer.get('precision')}, "
+        f"{'two views, ' if answer.get('views') == 2 else ''}"
         f"test accuracy {_percent(answer.get('accuracy'))})",
         f"time: {_timing(answer)}; queue {_ms(answer.get('queue_ms'))}, "
         f"inference {_ms(answer.get('inference_ms'))}",

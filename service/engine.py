@@ -47,6 +47,7 @@ class Request:
     column: int | None = None
     precision: str = "fp32"
     min_confidence: float | None = None
+    views: int = 1
 
     @property
     def deadline_s(self) -> float:
@@ -291,11 +292,12 @@ class Engine:
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
             return [v.candidate for v in model.variants.values()]
-        variant = model.find(request.column, request.precision)
+        variant = model.find(request.column, request.precision, request.views)
         if variant is None:
             raise BadRequest(
-                f"no variant column={request.column} precision={request.precision}; "
-                f"the model has columns 1..{model.columns}"
+                f"no variant column={request.column} precision={request.precision} "
+                f"views={request.views}; the model has columns 1..{model.columns} "
+                f"and variants {', '.join(model.variants)}"
             )
         return [variant.candidate]
 
@@ -368,7 +370,7 @@ class Engine:
         if choice is None:
             if not late_ok:
                 raise self._shed(request, "no column can answer within the deadline")
-            choice = min(candidates, key=lambda c: (c.column, c.precision != "fp32"))
+            choice = min(candidates, key=Candidate.cheapness)
         variant = model.variants[choice.key]
         answer = await self._run(
             request, variant, late_ok or request.deadline_ms is None, first=True
@@ -475,7 +477,7 @@ class Engine:
         if self.warming:
             return answer
         v = final.variant
-        self.metrics.child(self.metrics.column_served, str(v.column), v.precision).inc()
+        self.metrics.child(self.metrics.column_served, *v.labels).inc()
         if v.spec.accuracy is not None:
             self.metrics.served_accuracy.observe(v.spec.accuracy)
         if request.deadline_ms is not None:
@@ -490,9 +492,7 @@ class Engine:
 
     def _queue_changed(self, variant: Runnable, images: int) -> None:
         assert isinstance(variant, VariantRuntime)
-        self.metrics.child(self.metrics.queue_depth, str(variant.column), variant.precision).set(
-            images
-        )
+        self.metrics.child(self.metrics.queue_depth, *variant.labels).set(images)
 
     def _batch_done(self, variant: Runnable, n: int, ms: float) -> None:
         """A finished run teaches its variant's latency model, and is counted."""
@@ -500,9 +500,9 @@ class Engine:
         if self.warming:
             return
         variant.observe(n, ms)
-        col, prec = str(variant.column), variant.precision
-        self.metrics.child(self.metrics.batch_size, col, prec).observe(n)
-        self.metrics.child(self.metrics.inference_duration, col, prec, str(n)).observe(ms / 1000.0)
+        labels = variant.labels
+        self.metrics.child(self.metrics.batch_size, *labels).observe(n)
+        self.metrics.child(self.metrics.inference_duration, *labels, str(n)).observe(ms / 1000.0)
 
     def _handoff(self, direction: str, ms: float) -> None:
         """Called from the inference threads too (the metric takes its own lock)."""

@@ -35,6 +35,8 @@ HANDOFF_BUCKETS_S = (0.00005, 0.0001, 0.00025, *LATENCY_BUCKETS_S[:10])
 RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1, 1.25, 1.5, 2.0, 5.0)
 ACCURACY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+VARIANT_LABELS = ["column", "precision", "views"]
+"""What names a variant in metrics (`VariantRuntime.labels`)."""
 
 
 class Metrics:
@@ -57,7 +59,7 @@ class Metrics:
         self.inference_duration = Histogram(
             "fractal_inference_duration_seconds",
             "One onnxruntime run",
-            ["column", "precision", "batch_size"],
+            [*VARIANT_LABELS, "batch_size"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -71,12 +73,12 @@ class Metrics:
         self.batch_size = Histogram(
             "fractal_batch_size",
             "Images per onnxruntime run",
-            ["column", "precision"],
+            VARIANT_LABELS,
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(
-            "fractal_queue_depth", "Images waiting per variant", ["column", "precision"], registry=r
+            "fractal_queue_depth", "Images waiting per variant", VARIANT_LABELS, registry=r
         )
         self.deadline_outcomes = Counter(
             "fractal_deadline_outcomes",
@@ -93,7 +95,7 @@ class Metrics:
         self.column_served = Counter(
             "fractal_column_served",
             "Answers served by each variant",
-            ["column", "precision"],
+            VARIANT_LABELS,
             registry=r,
         )
         self.served_accuracy = Histogram(

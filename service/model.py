@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import BundleError, Manifest, Variant, load_bundle
+from service.bundle import BundleError, Manifest, Variant, load_bundle, variant_key
 from service.latency import LatencyModel
 from service.runtime import (
     SessionConfig,
@@ -50,8 +50,18 @@ class VariantRuntime:
         return self.spec.precision
 
     @property
+    def views(self) -> int:
+        return self.spec.views
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        """Its metrics labels: column, precision, views."""
+        return str(self.spec.column), self.spec.precision, str(self.spec.views)
+
+    @property
     def candidate(self) -> Candidate:
-        return Candidate(self.key, self.spec.column, self.spec.precision, self.spec.accuracy)
+        s = self.spec
+        return Candidate(self.key, s.column, s.precision, s.accuracy, s.views)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return run_probabilities(self.session, images)
@@ -75,11 +85,11 @@ class LoadedModel:
         return self.manifest.name
 
     def fp32(self, column: int) -> VariantRuntime:
-        return self.variants[f"column_{column}"]
+        """The column's single-view fp32 variant (every bundle has one)."""
+        return self.variants[variant_key(column)]
 
-    def find(self, column: int, precision: str = "fp32") -> VariantRuntime | None:
-        key = f"column_{column}" + ("" if precision == "fp32" else f"_{precision}")
-        return self.variants.get(key)
+    def find(self, column: int, precision: str = "fp32", views: int = 1) -> VariantRuntime | None:
+        return self.variants.get(variant_key(column, precision, views))
 
     @property
     def columns(self) -> int:

@@ -25,6 +25,7 @@ DEADLINE_HEADER = {
 
 
 PRECISIONS = ["fp32", "int8"]
+VIEWS = [1, 2]
 
 
 def parse_json(body: bytes, what: str) -> Any:
@@ -66,6 +67,14 @@ def parse_precision(value: str | None) -> str:
     if value not in PRECISIONS:
         raise BadRequest(f"X-Precision must be fp32 or int8, got {value!r}")
     return value
+
+
+def parse_views(value: str | None) -> int:
+    if value is None:
+        return 1
+    if value.strip() not in ("1", "2"):
+        raise BadRequest(f"X-Views must be 1 or 2, got {value!r}")
+    return int(value)
 
 
 def parse_confidence(value: str | float | None, name: str = "X-Min-Confidence") -> float | None:

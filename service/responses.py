@@ -30,6 +30,7 @@ def column_event(answer: ColumnAnswer, deadline_ms: float | None) -> dict[str, A
     return {
         "column": v.column,
         "precision": v.precision,
+        "views": v.views,
         "depth": v.spec.depth,
         "accuracy": v.spec.accuracy,
         **preds[0],
@@ -89,6 +90,7 @@ def model_card(model: LoadedModel, queue_depth: dict[str, int], ready: bool) -> 
                 "key": v.key,
                 "column": v.column,
                 "precision": v.precision,
+                "views": v.views,
                 "depth": v.spec.depth,
                 "parameters": v.spec.parameters,
                 "macs": v.spec.macs,

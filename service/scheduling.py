@@ -23,14 +23,22 @@ class Candidate:
     column: int
     precision: str
     accuracy: float | None
+    views: int = 1
 
-    def rank(self) -> tuple[float, int, int]:
-        """Higher is better: manifest accuracy, then depth, then fp32 over int8."""
+    def rank(self) -> tuple[float, int, int, int]:
+        """Higher is better: manifest accuracy, then depth, then fp32 over int8, then one
+        view over two (the cheaper of otherwise equal answers)."""
         return (
             self.accuracy if self.accuracy is not None else -1.0,
             self.column,
             int(self.precision == "fp32"),
+            -self.views,
         )
+
+    def cheapness(self) -> tuple[int, bool, int]:
+        """Lower is cheaper: the order best effort falls back in (column 1, fp32, one
+        view first)."""
+        return (self.column, self.precision != "fp32", self.views)
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,13 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
         description="test fixture",
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def flip_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle with one- and two-view fp32 variants of every column (`--flip`)."""
+    from model.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "flip"
+    export_bundle(tiny_checkpoint, out, name="flip", version="test", flip=True, latency_repeats=3)
+    return out

@@ -20,12 +20,14 @@ from service.requests import (
     DEADLINE_HEADER,
     INLINE_DECODE_PIXELS,
     PRECISIONS,
+    VIEWS,
     decode_images,
     encoded_images,
     parse_column,
     parse_confidence,
     parse_deadline_ms,
     parse_precision,
+    parse_views,
     read_body,
 )
 from service.responses import answer_body, column_event, done_event, model_card
@@ -38,6 +40,7 @@ CLASSIFY_BODY = {
         DEADLINE_HEADER,
         {"name": "X-Column", "in": "header", "schema": {"type": "integer", "minimum": 1}},
         {"name": "X-Precision", "in": "header", "schema": {"type": "string", "enum": PRECISIONS}},
+        {"name": "X-Views", "in": "header", "schema": {"type": "integer", "enum": VIEWS}},
         {
             "name": "X-Min-Confidence",
             "in": "header",
@@ -76,6 +79,7 @@ async def classify(request: Request) -> Response:
     deadline = parse_deadline_ms(headers.get("x-deadline-ms"), settings.default_deadline_ms)
     column = parse_column(headers.get("x-column"))
     precision = parse_precision(headers.get("x-precision"))
+    views = parse_views(headers.get("x-views"))
     threshold = parse_confidence(headers.get("x-min-confidence"))
     state.deadline_ms = deadline
     model = engine.current_model(arrival)
@@ -85,7 +89,7 @@ async def classify(request: Request) -> Response:
         images = decode_images(encoded, model, settings)
     else:
         images = await asyncio.to_thread(decode_images, encoded, model, settings)
-    req = EngineRequest(images, arrival, deadline, column, precision, threshold)
+    req = EngineRequest(images, arrival, deadline, column, precision, threshold, views)
     if EVENT_STREAM in headers.get("accept", ""):
         return await _stream(request, engine, req)
     try:

@@ -312,6 +312,7 @@ async def infer(name: str, request: Request) -> Response:
         "parameters": {
             "column": final.variant.column,
             "precision": final.variant.precision,
+            "views": final.variant.views,
             "elapsed_ms": round(answer.elapsed_ms, 3),
             "deadline_met": answer.deadline_met,
         },

@@ -288,10 +288,15 @@ function redrawTimeline() {
   }
 }
 
+// "fp32", "int8", or with two views (the image and its mirror) "fp32, 2 views".
+function variantForm(v) {
+  return v.views === 2 ? `${v.precision}, 2 views` : String(v.precision);
+}
+
 function describeColumn(p) {
   const parts = [];
   if (p.depth !== undefined) parts.push(`depth ${p.depth}`);
-  if (p.precision) parts.push(p.precision);
+  if (p.precision) parts.push(variantForm(p));
   if (typeof p.accuracy === "number") parts.push(`test accuracy ${formatPercent(p.accuracy)}`);
   return parts.join(" · ");
 }
@@ -513,7 +518,7 @@ function renderModel(model) {
     ["Ready", model.ready ? "yes" : "no"],
   ];
   const variants = [...(model.variants ?? [])].sort(
-    (a, b) => a.column - b.column || String(a.precision).localeCompare(String(b.precision)),
+    (a, b) => a.column - b.column || variantForm(a).localeCompare(variantForm(b)),
   );
   const header = ["Column", "Precision", "Depth", "Parameters", "Test accuracy",
     "Latency now (ms, ×batch)", "Latency at export", "Queue"];
@@ -526,7 +531,7 @@ function renderModel(model) {
         el("thead", {}, el("tr", {}, header.map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, variants.map((v) => el("tr", {},
           el("th", { scope: "row" }, String(v.column)),
-          el("td", {}, v.precision),
+          el("td", {}, variantForm(v)),
           el("td", {}, String(v.depth)),
           el("td", {}, v.parameters?.toLocaleString() ?? "–"),
           el("td", {}, formatPercent(v.accuracy)),

@@ -127,3 +127,34 @@ def test_fit_temperature_undoes_a_known_scaling() -> None:
     true_logits = torch.randn(4000, 5, generator=gen) * 2
     labels = torch.multinomial(true_logits.softmax(1), 1, generator=gen).squeeze(1)
     assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_two_view_variants_average_the_mirror_images_logits(flip_bundle: Path) -> None:
+    manifest = load_bundle(flip_bundle)
+    assert sorted(v.key for v in manifest.variants) == sorted(
+        key for k in range(1, manifest.columns + 1) for key in (f"column_{k}", f"column_{k}_flip")
+    )
+    images = load_split(manifest.dataset, "test", image_size=manifest.input.height).images[:64]
+    mirrored = images[:, :, ::-1, :].copy()
+    config = SessionConfig(intra_op_threads=1)
+    for k in range(1, manifest.columns + 1):
+        two = manifest.variant(k, views=2)
+        assert (two.views, two.precision, two.file) == (2, "fp32", f"column_{k}_flip.onnx")
+        assert two.max_abs_diff is not None and two.max_abs_diff < 1e-4
+        assert two.macs == manifest.variant(k).macs  # per view; the cost is twice
+        one = create_session(flip_bundle / manifest.variant(k).file, config)
+        both = create_session(flip_bundle / two.file, config)
+        expected = (logits(one, images) + logits(one, mirrored)) / 2
+        np.testing.assert_allclose(logits(both, images), expected, atol=1e-4)
+        # A mirror image gets the same answer.
+        np.testing.assert_allclose(
+            run_probabilities(both, images), run_probabilities(both, mirrored), atol=1e-5
+        )
+
+
+def test_a_manifest_needs_a_single_view_fp32_variant_per_column(flip_bundle: Path) -> None:
+    manifest = read_manifest(flip_bundle)
+    data = json.loads(manifest.model_dump_json())
+    data["variants"] = [v for v in data["variants"] if v["column"] != 2 or v["views"] == 2]
+    with pytest.raises(ValueError, match="single-view fp32 variant per column"):
+        Manifest.model_validate(data)

@@ -77,6 +77,32 @@ def test_int8_wins_only_on_accuracy() -> None:
     assert choose_variant([*CANDIDATES[:2], int8_worse], 15, alone).key == "column_2_int8"  # type: ignore[union-attr]
 
 
+def test_two_views_win_only_on_accuracy() -> None:
+    """A two-view variant costs twice its column: at equal accuracy the single view
+    serves; a more accurate two-view variant serves when it fits."""
+    equal = Candidate("column_2_flip", 2, "fp32", 0.80, views=2)
+    better = Candidate("column_2_flip", 2, "fp32", 0.83, views=2)
+    cost = {**COST, "column_2_flip": 2 * COST["column_2"]}
+
+    def paid(c: Candidate) -> float:
+        return cost[c.key]
+
+    assert choose_variant([*CANDIDATES[:2], equal], math.inf, paid).key == "column_2"  # type: ignore[union-attr]
+    pair = [*CANDIDATES[:2], better]
+    assert choose_variant(pair, 40, paid).key == "column_2_flip"  # type: ignore[union-attr]
+    assert choose_variant(pair, 39.9, paid).key == "column_2"  # type: ignore[union-attr]
+
+
+def test_best_effort_falls_back_to_the_cheapest_variant() -> None:
+    variants = [
+        Candidate("column_1_flip", 1, "fp32", 0.72, views=2),
+        Candidate("column_1_int8", 1, "int8", 0.70),
+        Candidate("column_2", 2, "fp32", 0.8),
+        Candidate("column_1", 1, "fp32", 0.70),
+    ]
+    assert min(variants, key=Candidate.cheapness).key == "column_1"
+
+
 def test_accuracy_ranks_above_depth() -> None:
     odd = [Candidate("column_1", 1, "fp32", 0.9), Candidate("column_2", 2, "fp32", 0.8)]
     assert choose_variant(odd, math.inf, alone).key == "column_1"  # type: ignore[union-attr]

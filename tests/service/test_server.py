@@ -11,10 +11,12 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,9 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.bundle import read_manifest, write_manifest
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.service.conftest import FIXED_PROFILE_MS
 from tests.service.tests_support import png_bytes, read_sse
 from tests.support import MADE_REQUEST_ID, metric_value, serve_in_thread
 
@@ -423,3 +427,50 @@ def test_a_busy_server_answers_with_the_quickest_column_that_fits(
             answer = classify(client, image, **{"X-Deadline-Ms": "5000"})
             blocker.join()
             assert answer.status_code == 200 and answer.json()["column"] == expected
+
+
+@pytest.fixture(scope="module")
+def flip_live(
+    flip_bundle: Path, make_settings: Callable[..., Settings], tmp_path_factory: Any
+) -> Iterator[Any]:
+    """A server on a bundle with two-view variants, each 0.05 more accurate than its
+    column and twice as costly."""
+    folder = tmp_path_factory.mktemp("flip-service") / "flip"
+    shutil.copytree(flip_bundle, folder)
+    manifest = read_manifest(folder)
+    variants = tuple(
+        v.model_copy(update={"accuracy": 0.5 + 0.1 * v.column + 0.05 * (v.views - 1)})
+        for v in manifest.variants
+    )
+    write_manifest(folder, manifest.model_copy(update={"variants": variants}))
+    one_view = {k: v for k, v in FIXED_PROFILE_MS.items() if not k.endswith("_int8")}
+    doubled = {f"{k}_flip": {n: 2 * ms for n, ms in v.items()} for k, v in one_view.items()}
+    profile = {**one_view, **doubled}
+    profile_path = folder.parent / "latency.json"
+    profile_path.write_text(json.dumps(profile))
+    settings = make_settings(model_path=folder, latency_profile_path=profile_path)
+    with serve_in_thread(settings) as server:
+        yield server
+
+
+def test_a_two_view_variant_serves_when_it_fits(flip_live: Any, image: bytes) -> None:
+    with flip_live.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+        assert (r.json()["column"], r.json()["views"]) == (4, 2), r.text
+        # Column 4 with two views (1400 ms) does not fit; column 4 alone (700 ms) does.
+        r = classify(c, image, **{"X-Deadline-Ms": "1000"})
+        assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
+        r = classify(c, image, **{"X-Column": "2", "X-Views": "2"})
+        assert (r.json()["column"], r.json()["views"]) == (2, 2), r.text
+        bad = classify(c, image, **{"X-Views": "3"})
+        assert bad.status_code == 400 and "X-Views" in bad.json()["error"]
+        text = c.get("/metrics").text
+        card = c.get("/v1/models/flip").json()
+    assert 'fractal_column_served_total{column="4",precision="fp32",views="2"}' in text
+    assert {(v["key"], v["views"]) for v in card["variants"]} >= {("column_4_flip", 2)}
+
+
+def test_a_missing_two_view_variant_is_a_400(live: Any, image: bytes) -> None:
+    with live.client() as c:
+        r = classify(c, image, **{"X-Column": "2", "X-Views": "2"})
+    assert r.status_code == 400 and "views=2" in r.json()["error"]
