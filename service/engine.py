@@ -291,7 +291,8 @@ class Engine:
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
-            return [v.candidate for v in model.variants.values()]
+            views = 2 if self.settings.two_views else 1
+            return [v.candidate for v in model.variants.values() if v.views <= views]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
             raise BadRequest(

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     """Refuse `/v1/classify` requests with a deadline at arrival when more are in than a
     limit learned from their outcomes, or when the event loop runs too late to meet the
     deadline (off: only the latency profile decides, after the body is read)."""
+    two_views: bool = False
+    """Two-view variants (`fractal export --flip`) compete in the choice of variant. Off by
+    default: at 70% of saturation they cost accuracy overall (the idle server takes the
+    costlier answer, and the requests behind it get shallower ones; docs/serving.md). They
+    are loaded either way, and `X-Views: 2` forces one."""
     thrifty_backlog_ms: float = Field(default=0.5, ge=0)
     """With more inference work than this queued and running (predicted ms), a request
     with a deadline gets the variant predicted to finish first instead of the most
