@@ -122,6 +122,23 @@ class ConcurrencyLimit:
 
 
 @dataclass
+class ArrivalGap:
+    """The mean gap between requests reaching the engine, in ms (smoothed by
+    `smoothing`; infinite until two have arrived): how soon the next one is due."""
+
+    smoothing: float = 0.05
+    gap_ms: float = math.inf
+    last_s: float | None = None
+
+    def observe(self, arrival_s: float) -> None:
+        if self.last_s is not None:
+            gap = max(arrival_s - self.last_s, 0.0) * 1000.0
+            first = math.isinf(self.gap_ms)
+            self.gap_ms = gap if first else self.gap_ms + self.smoothing * (gap - self.gap_ms)
+        self.last_s = arrival_s if self.last_s is None else max(self.last_s, arrival_s)
+
+
+@dataclass
 class LoopLag:
     """How late the event loop runs a timer, in ms (smoothed). A request waits about this
     long before the server reads it, and again before its answer leaves."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.admission import ConcurrencyLimit, LoopLag
+from service.admission import ArrivalGap, ConcurrencyLimit, LoopLag
 from service.batching import Batcher, Job, JobResult, Runnable
 from service.errors import BadRequest, Unavailable
 from service.metrics import Metrics
@@ -30,6 +30,7 @@ from service.scheduling import (
     choose_variant,
     next_stream_column,
     predict_completion_ms,
+    spare_for,
 )
 from service.settings import Settings
 
@@ -114,6 +115,7 @@ class Engine:
         metrics.admission_limit.set_function(lambda: self.admission.limit)
         metrics.admission_in_flight.set_function(lambda: self.admission.in_flight)
         self.loop_lag = LoopLag(clock, on_sample=lambda ms: metrics.loop_lag.observe(ms / 1e3))
+        self.arrivals = ArrivalGap()
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,
@@ -291,8 +293,8 @@ class Engine:
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
-            views = 2 if self.settings.two_views else 1
-            return [v.candidate for v in model.variants.values() if v.views <= views]
+            variants = model.variants.values()
+            return [v.candidate for v in variants if self._may_serve(v, request, model)]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
             raise BadRequest(
@@ -301,6 +303,18 @@ class Engine:
                 f"and variants {', '.join(model.variants)}"
             )
         return [variant.candidate]
+
+    def _may_serve(self, variant: VariantRuntime, request: Request, model: LoadedModel) -> bool:
+        """Single views always; a two-view variant with `FRACTAL_TWO_VIEWS` on, while the
+        arrivals leave room for its extra run time."""
+        if variant.views == 1:
+            return True
+        if not self.settings.two_views:
+            return False
+        n = int(request.images.shape[0])
+        single = model.find(variant.column, variant.precision)
+        extra = variant.predict_ms(n) - (single.predict_ms(n) if single else 0.0)
+        return spare_for(extra, self.arrivals.gap_ms, self.settings.two_views_max_arrivals)
 
     def _shed(self, request: Request, why: str) -> Unavailable:
         self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
@@ -354,6 +368,15 @@ class Engine:
 
     # -- single answer ------------------------------------------------------------------
     async def classify(self, request: Request) -> Answer:
+        """One answer: the most accurate variant predicted to finish in time."""
+        self._arrived(request)
+        return await self._classify(request)
+
+    def _arrived(self, request: Request) -> None:
+        if not self.warming:
+            self.arrivals.observe(request.arrival_s)
+
+    async def _classify(self, request: Request) -> Answer:
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.cascade_threshold is not None:
@@ -392,10 +415,11 @@ class Engine:
 
         Raises Unavailable before yielding anything when column 1 cannot answer in time.
         With a forced column (`X-Column`) the stream is that one answer, then `done`."""
+        self._arrived(request)
         model = self.current_model(request.arrival_s)
         self._check_queue(request)
         if request.column is not None:
-            answer = await self.classify(request)
+            answer = await self._classify(request)
             answer.reason = "forced"
             yield "prediction", answer.final
             yield "done", answer

@@ -97,6 +97,14 @@ def choose_variant(
     return max((c for _, c in fitting), key=Candidate.rank)
 
 
+def spare_for(extra_ms: float, arrival_gap_ms: float, max_arrivals: float) -> bool:
+    """Whether a choice that runs `extra_ms` longer than the alternative leaves the
+    requests behind it alone: at most `max_arrivals` of them expected to arrive meanwhile,
+    at the mean gap between arrivals. Each request's own fit cannot see them; they would
+    find the server busy and get shallower answers."""
+    return extra_ms <= max_arrivals * arrival_gap_ms
+
+
 def next_stream_column(
     candidates: Sequence[Candidate],
     last_column: int,

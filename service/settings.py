@@ -69,10 +69,14 @@ class Settings(BaseSettings):
     limit learned from their outcomes, or when the event loop runs too late to meet the
     deadline (off: only the latency profile decides, after the body is read)."""
     two_views: bool = False
-    """Two-view variants (`fractal export --flip`) compete in the choice of variant. Off by
-    default: at 70% of saturation they cost accuracy overall (the idle server takes the
-    costlier answer, and the requests behind it get shallower ones; docs/serving.md). They
-    are loaded either way, and `X-Views: 2` forces one."""
+    """Two-view variants (`fractal export --flip`) compete in the choice of variant, while
+    the arrivals leave room for them (`two_views_max_arrivals`). Off by default: they are
+    loaded either way, and `X-Views: 2` forces one (docs/serving.md)."""
+    two_views_max_arrivals: float = Field(default=0.1, ge=0)
+    """A two-view variant competes only while at most this many requests are expected to
+    arrive (at the recent mean gap between arrivals) during the time it takes beyond its
+    single view: without the bound, at 70% of saturation they lowered the answers'
+    accuracy, the requests behind a costlier answer getting shallower ones."""
     thrifty_backlog_ms: float = Field(default=0.5, ge=0)
     """With more inference work than this queued and running (predicted ms), a request
     with a deadline gets the variant predicted to finish first instead of the most

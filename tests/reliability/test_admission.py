@@ -9,8 +9,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.admission import ConcurrencyLimit, LoopLag
+from service.admission import ArrivalGap, ConcurrencyLimit, LoopLag
 from tests.support import ThreadServer, image_bytes, metric_value
+
+
+def test_arrival_gap_follows_the_mean_gap() -> None:
+    a = ArrivalGap(smoothing=0.5)
+    a.observe(1.0)
+    assert a.gap_ms == float("inf")  # one arrival: no gap yet
+    a.observe(1.010)
+    assert a.gap_ms == pytest.approx(10.0)  # the first gap is taken whole
+    a.observe(1.040)
+    assert a.gap_ms == pytest.approx(20.0)  # then smoothed
+    a.observe(1.030)  # out of order (another connection's clock read): a gap of 0
+    assert a.gap_ms == pytest.approx(10.0) and a.last_s == 1.040
 
 
 def test_limit_grows_by_one_per_round_of_timely_answers() -> None:

@@ -16,6 +16,7 @@ from service.scheduling import (
     plan_batch,
     predict_completion_ms,
     run_on_loop,
+    spare_for,
 )
 
 COST = {
@@ -91,6 +92,14 @@ def test_two_views_win_only_on_accuracy() -> None:
     pair = [*CANDIDATES[:2], better]
     assert choose_variant(pair, 40, paid).key == "column_2_flip"  # type: ignore[union-attr]
     assert choose_variant(pair, 39.9, paid).key == "column_2"  # type: ignore[union-attr]
+
+
+def test_a_costlier_choice_needs_room_before_the_next_arrival() -> None:
+    # 4 ms more, arrivals 50 ms apart: 0.08 expected meanwhile.
+    assert spare_for(4.0, 50.0, 0.1)
+    assert not spare_for(4.0, 5.0, 0.1)  # 0.8 expected
+    assert spare_for(4.0, math.inf, 0.1)  # no arrivals yet
+    assert spare_for(0.0, 0.0, 0.0)
 
 
 def test_best_effort_falls_back_to_the_cheapest_variant() -> None:

@@ -460,12 +460,20 @@ def test_a_two_view_variant_serves_when_it_fits(flip_live: Any, image: bytes) ->
         r = classify(c, image, **{"X-Deadline-Ms": "3000"})
         assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
         default = engine.settings
-        engine.settings = default.model_copy(update={"two_views": True})
+        # On, with no bound on the arrivals during the extra run time.
+        engine.settings = default.model_copy(
+            update={"two_views": True, "two_views_max_arrivals": math.inf}
+        )
         try:
             r = classify(c, image, **{"X-Deadline-Ms": "3000"})
             assert (r.json()["column"], r.json()["views"]) == (4, 2), r.text
             # Column 4 with two views (1400 ms) does not fit; column 4 alone (700 ms) does.
             r = classify(c, image, **{"X-Deadline-Ms": "1000"})
+            assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
+            # Requests a second or so apart: 0.1 of a gap leaves no room for 700 ms more.
+            engine.settings = engine.settings.model_copy(update={"two_views_max_arrivals": 0.1})
+            assert engine.arrivals.gap_ms < 7000.0
+            r = classify(c, image, **{"X-Deadline-Ms": "3000"})
             assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
         finally:
             engine.settings = default
