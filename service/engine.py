@@ -300,17 +300,16 @@ class Engine:
             raise BadRequest(
                 f"no variant column={request.column} precision={request.precision} "
                 f"views={request.views}; the model has columns 1..{model.columns} "
-                f"and variants {', '.join(model.variants)}"
+                f"and serves variants {', '.join(model.variants)}"
+                + ("" if self.settings.two_views else " (two-view variants: FRACTAL_TWO_VIEWS)")
             )
         return [variant.candidate]
 
     def _may_serve(self, variant: VariantRuntime, request: Request, model: LoadedModel) -> bool:
-        """Single views always; a two-view variant with `FRACTAL_TWO_VIEWS` on, while the
-        arrivals leave room for its extra run time."""
+        """Single views always; a two-view variant (loaded with `FRACTAL_TWO_VIEWS` on)
+        while the arrivals leave room for its extra run time."""
         if variant.views == 1:
             return True
-        if not self.settings.two_views:
-            return False
         n = int(request.images.shape[0])
         single = model.find(variant.column, variant.precision)
         extra = variant.predict_ms(n) - (single.predict_ms(n) if single else 0.0)

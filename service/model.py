@@ -125,6 +125,8 @@ def load_model(path: Path, settings: Settings) -> LoadedModel:
     variants: dict[str, VariantRuntime] = {}
     used: tuple[str, ...] = providers
     for spec in manifest.variants:
+        if spec.views > 1 and not settings.two_views:
+            continue  # twice the start-up profiling, for variants that would not serve
         try:
             session = create_session(path / spec.file, config)
             probs = run_probabilities(session, probe)

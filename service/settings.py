@@ -69,9 +69,10 @@ class Settings(BaseSettings):
     limit learned from their outcomes, or when the event loop runs too late to meet the
     deadline (off: only the latency profile decides, after the body is read)."""
     two_views: bool = False
-    """Two-view variants (`fractal export --flip`) compete in the choice of variant, while
-    the arrivals leave room for them (`two_views_max_arrivals`). Off by default: they are
-    loaded either way, and `X-Views: 2` forces one (docs/serving.md)."""
+    """Load the bundle's two-view variants (`fractal export --flip`): they compete in the
+    choice of variant while the arrivals leave room for them (`two_views_max_arrivals`),
+    and `X-Views: 2` forces one. Off by default (docs/serving.md): not loaded, so start-up
+    does not profile them."""
     two_views_max_arrivals: float = Field(default=0.1, ge=0)
     """A two-view variant competes only while at most this many requests are expected to
     arrive (at the recent mean gap between arrivals) during the time it takes beyond its

@@ -430,10 +430,10 @@ def test_a_busy_server_answers_with_the_quickest_column_that_fits(
 
 
 @pytest.fixture(scope="module")
-def flip_live(
+def flip_settings(
     flip_bundle: Path, make_settings: Callable[..., Settings], tmp_path_factory: Any
-) -> Iterator[Any]:
-    """A server on a bundle with two-view variants, each 0.05 more accurate than its
+) -> Callable[..., Settings]:
+    """Settings for a bundle with two-view variants, each 0.05 more accurate than its
     column and twice as costly."""
     folder = tmp_path_factory.mktemp("flip-service") / "flip"
     shutil.copytree(flip_bundle, folder)
@@ -445,38 +445,43 @@ def flip_live(
     write_manifest(folder, manifest.model_copy(update={"variants": variants}))
     one_view = {k: v for k, v in FIXED_PROFILE_MS.items() if not k.endswith("_int8")}
     doubled = {f"{k}_flip": {n: 2 * ms for n, ms in v.items()} for k, v in one_view.items()}
-    profile = {**one_view, **doubled}
     profile_path = folder.parent / "latency.json"
-    profile_path.write_text(json.dumps(profile))
-    settings = make_settings(model_path=folder, latency_profile_path=profile_path)
-    with serve_in_thread(settings) as server:
-        yield server
+    profile_path.write_text(json.dumps({**one_view, **doubled}))
+
+    def make(**overrides: Any) -> Settings:
+        return make_settings(model_path=folder, latency_profile_path=profile_path, **overrides)
+
+    return make
 
 
-def test_a_two_view_variant_serves_when_it_fits(flip_live: Any, image: bytes) -> None:
-    engine = flip_live.engine
-    with flip_live.client() as c:
-        # Off by default: the single view serves, though the two views are more accurate.
+def test_two_view_variants_are_off_by_default(
+    flip_settings: Callable[..., Settings], image: bytes
+) -> None:
+    with serve_in_thread(flip_settings()) as server, server.client() as c:
+        assert not any(k.endswith("_flip") for k in server.engine.model.variants)  # type: ignore[union-attr]
         r = classify(c, image, **{"X-Deadline-Ms": "3000"})
         assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
-        default = engine.settings
-        # On, with no bound on the arrivals during the extra run time.
-        engine.settings = default.model_copy(
-            update={"two_views": True, "two_views_max_arrivals": math.inf}
-        )
-        try:
-            r = classify(c, image, **{"X-Deadline-Ms": "3000"})
-            assert (r.json()["column"], r.json()["views"]) == (4, 2), r.text
-            # Column 4 with two views (1400 ms) does not fit; column 4 alone (700 ms) does.
-            r = classify(c, image, **{"X-Deadline-Ms": "1000"})
-            assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
-            # Requests a second or so apart: 0.1 of a gap leaves no room for 700 ms more.
-            engine.settings = engine.settings.model_copy(update={"two_views_max_arrivals": 0.1})
-            assert engine.arrivals.gap_ms < 7000.0
-            r = classify(c, image, **{"X-Deadline-Ms": "3000"})
-            assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
-        finally:
-            engine.settings = default
+        r = classify(c, image, **{"X-Column": "2", "X-Views": "2"})
+        assert r.status_code == 400 and "FRACTAL_TWO_VIEWS" in r.json()["error"]
+
+
+def test_a_two_view_variant_serves_when_it_fits(
+    flip_settings: Callable[..., Settings], image: bytes
+) -> None:
+    # On, with no bound on the arrivals during the extra run time.
+    settings = flip_settings(two_views=True, two_views_max_arrivals=math.inf)
+    with serve_in_thread(settings) as server, server.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+        assert (r.json()["column"], r.json()["views"]) == (4, 2), r.text
+        # Column 4 with two views (1400 ms) does not fit; column 4 alone (700 ms) does.
+        r = classify(c, image, **{"X-Deadline-Ms": "1000"})
+        assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
+        # Requests a second or so apart: 0.1 of a gap leaves no room for 700 ms more.
+        engine = server.engine
+        engine.settings = engine.settings.model_copy(update={"two_views_max_arrivals": 0.1})
+        assert engine.arrivals.gap_ms < 7000.0
+        r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+        assert (r.json()["column"], r.json()["views"]) == (4, 1), r.text
         r = classify(c, image, **{"X-Column": "2", "X-Views": "2"})
         assert (r.json()["column"], r.json()["views"]) == (2, 2), r.text
         bad = classify(c, image, **{"X-Views": "3"})
