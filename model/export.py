@@ -319,7 +319,7 @@ def _export_column(
     )
     mean, std = (t.tolist() for t in ctx.norm)
     module = ServingColumn(column_net, column, mean, std, temperature, views).eval()
-    fields = common | {"views": views, "calibration": calib}
+    fields = common | {"views": views, "calibration": calib, "macs": common["macs"] * views}
     key = variant_key(column, "fp32", views)
     path = ctx.out / f"{key}.onnx"
     export_onnx(module, path, ctx.size)
