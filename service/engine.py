@@ -294,6 +294,8 @@ class Engine:
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
             variants = model.variants.values()
+            if not self.settings.two_views:  # no two-view variant loaded: nothing to judge
+                return [v.candidate for v in variants]
             return [v.candidate for v in variants if self._may_serve(v, request, model)]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
