@@ -374,7 +374,8 @@ class Engine:
         return await self._classify(request)
 
     def _arrived(self, request: Request) -> None:
-        if not self.warming:
+        """Only two-view variants read the arrival gap (`_may_serve`)."""
+        if self.settings.two_views and not self.warming:
             self.arrivals.observe(request.arrival_s)
 
     async def _classify(self, request: Request) -> Answer:

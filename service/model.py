@@ -37,9 +37,13 @@ class VariantRuntime:
     latency: LatencyModel
     classes: tuple[str, ...]
     key: str = field(init=False)
+    labels: tuple[str, str, str] = field(init=False)
+    """Its metrics labels: column, precision, views (built once: every run and every
+    queue change is counted under them)."""
 
     def __post_init__(self) -> None:
         self.key = self.spec.key
+        self.labels = str(self.spec.column), self.spec.precision, str(self.spec.views)
 
     @property
     def column(self) -> int:
@@ -52,11 +56,6 @@ class VariantRuntime:
     @property
     def views(self) -> int:
         return self.spec.views
-
-    @property
-    def labels(self) -> tuple[str, str, str]:
-        """Its metrics labels: column, precision, views."""
-        return str(self.spec.column), self.spec.precision, str(self.spec.views)
 
     @property
     def candidate(self) -> Candidate:

@@ -72,7 +72,7 @@ def parse_precision(value: str | None) -> str:
 def parse_views(value: str | None) -> int:
     if value is None:
         return 1
-    if value.strip() not in ("1", "2"):
+    if value.strip() not in [str(v) for v in VIEWS]:
         raise BadRequest(f"X-Views must be 1 or 2, got {value!r}")
     return int(value)
 
