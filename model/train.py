@@ -29,6 +29,7 @@ from torch import nn
 
 from model.config import PRESETS, FractalConfig, preset
 from model.data import DATASETS, Split, augment_batch, channel_stats, load_split, to_tensor
+from model.distill import distillation_loss, teacher_logits
 from model.network import FractalNet, tune_only
 from model.recalibrate import recalibrate_batchnorm
 
@@ -124,6 +125,25 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="train column K alone, every mini-batch (a fine-tuning stage after drop-path "
         "training): the other columns and the classifier are frozen, so their answers stay "
         "as they were",
+    )
+    p.add_argument(
+        "--distill-from",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="learn also from this trained network's answers on the training images (its "
+        "tuned column, or whole network, with two views; see model.distill)",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.5,
+        help="with --distill-from: the teacher's share of the loss, the labels' the rest",
+    )
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=4.0,
+        help="with --distill-from: softmax temperature of teacher and student",
     )
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this long")
     p.add_argument("--no-progress", action="store_true")
@@ -338,6 +358,7 @@ def train(args: argparse.Namespace) -> Path:
     per_rank = max(args.batch_size // d.world_size, 1)
     images = torch.from_numpy(train_split.images)
     labels = torch.from_numpy(train_split.labels)
+    soft = _teacher(args, train_split, device) if args.distill_from else None
     started = time.monotonic()
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -362,7 +383,16 @@ def train(args: argparse.Namespace) -> Path:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 logits = model(x, column=args.tune_column)
-                loss = F.cross_entropy(logits.float(), y)
+                if soft is None:
+                    loss = F.cross_entropy(logits.float(), y)
+                else:
+                    loss = distillation_loss(
+                        logits.float(),
+                        y,
+                        soft[idx].to(device),
+                        args.distill_weight,
+                        args.distill_temperature,
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -424,6 +454,34 @@ def train(args: argparse.Namespace) -> Path:
     if d.world_size > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def _teacher(args: argparse.Namespace, split: Split, device: torch.device) -> torch.Tensor:
+    """The logits of `--distill-from` for every training image (see `model.distill`)."""
+    if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
+        raise ValueError("--distill-weight must lie in [0, 1] and --distill-temperature be > 0")
+    ckpt = load_checkpoint(args.distill_from)
+    if list(ckpt["classes"]) != list(split.classes):
+        raise ValueError(f"{args.distill_from}: its classes are not the training data's")
+    norm = (torch.tensor(ckpt["normalization"]["mean"]), torch.tensor(ckpt["normalization"]["std"]))
+    started = time.monotonic()
+    with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights
+        logits = teacher_logits(
+            model_from_checkpoint(ckpt),
+            args.tune_column,
+            torch.from_numpy(split.images),
+            norm,
+            calibration_batches(split, norm, device),
+            device,
+        )
+    log.info(
+        "teacher %s: %.1f%% of %d training images right, in %.0f s",
+        args.distill_from,
+        100 * float((logits.argmax(1) == torch.from_numpy(split.labels)).float().mean()),
+        len(split),
+        time.monotonic() - started,
+    )
+    return logits
 
 
 def _torch_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
