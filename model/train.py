@@ -32,6 +32,7 @@ from model.data import DATASETS, Split, augment_batch, channel_stats, load_split
 from model.distill import distillation_loss, teacher_logits
 from model.network import FractalNet, tune_only
 from model.recalibrate import recalibrate_batchnorm
+from service.bundle import sha256_file
 
 log = logging.getLogger("model.train")
 
@@ -359,6 +360,16 @@ def train(args: argparse.Namespace) -> Path:
     images = torch.from_numpy(train_split.images)
     labels = torch.from_numpy(train_split.labels)
     soft = _teacher(args, train_split, device) if args.distill_from else None
+    teachers = list(resume.get("teachers", [])) if resume is not None else []
+    if args.distill_from:  # each stage that had a teacher, for the record
+        teachers.append(
+            {
+                "from_epoch": start_epoch,
+                "sha256": sha256_file(args.distill_from),
+                "weight": args.distill_weight,
+                "temperature": args.distill_temperature,
+            }
+        )
     started = time.monotonic()
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -439,6 +450,7 @@ def train(args: argparse.Namespace) -> Path:
                     "classes": list(train_split.classes),
                     "dataset": args.dataset,
                     "holdout": {"count": args.holdout, "seed": args.seed},
+                    "teachers": teachers,
                     "args": {
                         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     },

@@ -15,6 +15,7 @@ from model.distill import distillation_loss, teacher_logits
 from model.network import FractalNet
 from model.recalibrate import recalibrate_batchnorm
 from model.train import load_checkpoint, parse_args, train
+from service.bundle import sha256_file
 from tests.model.test_train import SYNTHETIC
 
 
@@ -60,7 +61,8 @@ def test_teacher_logits_average_the_image_and_its_mirror() -> None:
 
 def test_train_learns_from_the_teacher(tmp_path: Path) -> None:
     """A column-tuning stage with a teacher: weight 0 gives bit for bit the run without
-    one; weight 1 (the teacher alone) gives other weights."""
+    one; weight 1 (the teacher alone) gives other weights; the checkpoint records the
+    teacher."""
     first = tmp_path / "first"
     train(parse_args([*SYNTHETIC, "--eval-every", "9", "--epochs", "1", "--out", str(first)]))
     teacher = first / "checkpoint.pt"
@@ -75,7 +77,12 @@ def test_train_learns_from_the_teacher(tmp_path: Path) -> None:
         (out / "checkpoint.pt").write_bytes(teacher.read_bytes())
         common = ["--eval-every", "9", "--epochs", "2", "--resume", "--tune-column", "2"]
         train(parse_args([*SYNTHETIC, *common, "--out", str(out), *extra]))
-        runs[name] = load_checkpoint(out / "checkpoint.pt")["model"]
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        runs[name] = ckpt["model"]
+        weights = {"plain": [], "zero": [0.0], "teacher": [1.0]}[name]
+        assert [t["weight"] for t in ckpt["teachers"]] == weights
+    assert ckpt["teachers"][0]["sha256"] == sha256_file(teacher)
+    assert ckpt["teachers"][0]["from_epoch"] == 1
     changed = [k for k in runs["plain"] if not torch.equal(runs["plain"][k], runs["teacher"][k])]
     assert all(torch.equal(runs["plain"][k], runs["zero"][k]) for k in runs["plain"])
     assert changed
