@@ -220,11 +220,10 @@ class Engine:
             self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
-        left_ms = self._remaining_until(deadline_s)
-        remaining = left_ms - self.loop_lag.allowance_ms
+        remaining = self._remaining_until(deadline_s) - self.loop_lag.allowance_ms
         quickest = model.fp32(1)
         late = self._completion_for(1, deadline_s, model)(quickest.candidate) > remaining
-        if late and not self._rescuable(quickest, 1, left_ms):
+        if late and not self._rescuable(quickest, 1, remaining):
             self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
 
@@ -323,30 +322,11 @@ class Engine:
 
     def _rescuable(self, variant: VariantRuntime, n: int, remaining_ms: float) -> bool:
         """Whether a run of `variant` that no queue can fit in time may run at once beside
-        the running batch (`scheduling.rescue`; `FRACTAL_RESCUE_MAX_MS`). `remaining_ms`:
-        the budget left; a rescue runs as soon as the loop reads the request, so only the
-        way out waits for the loop (one lag, where a queued run is allowed two)."""
+        the running batch (`scheduling.rescue`; `FRACTAL_RESCUE_MAX_MS`)."""
         limit = self.settings.rescue_max_ms
         if limit <= 0:
             return False
-        lag = self.loop_lag.lag_ms
-        return rescue(variant.predict_ms(n), remaining_ms - lag, limit, lag)
-
-    def _rescue_first(
-        self,
-        model: LoadedModel,
-        n: int,
-        remaining_ms: float,
-        quickest: Candidate,
-        completion: Callable[[Candidate], float],
-    ) -> bool:
-        """Whether to rescue a request rather than queue it: rescues are on, the quickest
-        variant's queued run would not fit by the early refusal's measure (the loop's lag
-        allowed for), and the rescue fits (`_rescuable`)."""
-        if self.settings.rescue_max_ms <= 0:
-            return False
-        late = completion(quickest) > remaining_ms - self.loop_lag.allowance_ms
-        return late and self._rescuable(model.variants[quickest.key], n, remaining_ms)
+        return rescue(variant.predict_ms(n), remaining_ms, limit, self.loop_lag.lag_ms)
 
     def _shed(self, request: Request, why: str) -> Unavailable:
         self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
@@ -428,15 +408,15 @@ class Engine:
         remaining = self._remaining_ms(request)
         crowded = self._crowded(request, model, len(candidates))
         within = self.settings.thrifty_within_ms if crowded else None
+        choice = choose_variant(candidates, remaining, completion, within)
         late_ok = self.settings.best_effort
-        quickest = min(candidates, key=Candidate.cheapness)
-        n = int(request.images.shape[0])
-        beside = not late_ok and self._rescue_first(model, n, remaining, quickest, completion)
-        choice = quickest if beside else choose_variant(candidates, remaining, completion, within)
+        beside = False
         if choice is None:
-            if not late_ok:
+            choice = min(candidates, key=Candidate.cheapness)
+            n = int(request.images.shape[0])
+            beside = not late_ok and self._rescuable(model.variants[choice.key], n, remaining)
+            if not (late_ok or beside):
                 raise self._shed(request, "no column can answer within the deadline")
-            choice = quickest
         variant = model.variants[choice.key]
         answer = await self._run(
             request, variant, late_ok or request.deadline_ms is None, first=True, beside=beside
@@ -482,11 +462,11 @@ class Engine:
         remaining = self._remaining_ms(request)
         completion = self._completion(request, model, first_order)
         variant = model.variants[first.key]
-        n = int(request.images.shape[0])
-        late_ok = self.settings.best_effort
-        beside = not late_ok and self._rescue_first(model, n, remaining, first, completion)
-        if completion(first) > remaining and not (late_ok or beside):
-            raise self._shed(request, "column 1 cannot answer within the deadline")
+        beside = False
+        if completion(first) > remaining and not self.settings.best_effort:
+            beside = self._rescuable(variant, int(request.images.shape[0]), remaining)
+            if not beside:
+                raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
         answer = await self._run(request, variant, late_ok, first_order, first=True, beside=beside)
         run, first_ms = [1], answer.elapsed_ms

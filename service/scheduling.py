@@ -190,11 +190,6 @@ RESCUE_SLOWDOWN = 2.0
 """How much longer than its predicted time a run beside a running batch is assumed to take:
 the two runs share the CPUs."""
 
-RESCUE_MAX_LAG_MS = 10.0
-"""Event-loop lag (smoothed) above which nothing is rescued: the loop is overloaded.
-Higher than `INLINE_MAX_LAG_MS`, since the lag rises to a few ms whenever a deep batch
-shares the CPUs with the loop, which is exactly when a rescue is wanted."""
-
 
 def rescue(predicted_ms: float, remaining_ms: float, limit_ms: float, loop_lag_ms: float) -> bool:
     """Whether a request that no queue can serve in time runs at once on the event loop,
@@ -205,13 +200,13 @@ def rescue(predicted_ms: float, remaining_ms: float, limit_ms: float, loop_lag_m
     takes a fraction of a millisecond. Run at once, on the loop, it needs no queue and no
     hand-off; it slows the running batch a little and holds up the loop for its run, so
     only runs predicted within `limit_ms` (0: never) are rescued, with `RESCUE_SLOWDOWN`
-    to spare, and not while the loop is overloaded (`RESCUE_MAX_LAG_MS`).
+    to spare, and not while the loop already runs late.
     """
     return (
         limit_ms > 0
         and predicted_ms <= limit_ms
         and predicted_ms * RESCUE_SLOWDOWN <= remaining_ms
-        and loop_lag_ms <= RESCUE_MAX_LAG_MS
+        and loop_lag_ms <= INLINE_MAX_LAG_MS
     )
 
 
