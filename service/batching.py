@@ -194,27 +194,17 @@ class Batcher:
         predicted_ms = job.variant.predict_ms(n)
         if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms, *self._load()):
             return False
-        self._run_on_loop(job, learn=True)
-        return True
-
-    def run_beside(self, job: Job) -> None:
-        """Run `job` at once on the event loop, whatever runs on the threads; its future
-        then holds the result or the exception. The run shares the CPUs with the running
-        batch, so its time teaches the latency model nothing."""
-        self._run_on_loop(job, learn=False)
-
-    def _run_on_loop(self, job: Job, learn: bool) -> None:
-        n = job.size
         start = self.clock()
         try:
             probs = job.variant.run(job.images)
         except Exception as exc:
             log.exception("inference failed for %s (batch %d)", job.variant.key, n)
             job.future.set_exception(exc)
-            return
+            return True
         ms = (self.clock() - start) * 1000.0
         self._on_inline_run(ms)
-        self._complete([job], probs, start, ms, None, learn)
+        self._complete([job], probs, start, ms, None)
+        return True
 
     # -- the inference threads ----------------------------------------------------------
     def _worker(self, index: int) -> None:
@@ -327,11 +317,9 @@ class Batcher:
         start: float,
         ms: float,
         ended: float | None,
-        learn: bool = True,
     ) -> None:
-        """Account for a finished run (`learn`: as one the latency model learns from) and
-        hand every job its slice of the result, or the exception. `ended`: when a thread's
-        run ended (None for a run on the loop)."""
+        """Account for a finished run and hand every job its slice of the result, or the
+        exception. `ended`: when a thread's run ended (None for a run on the loop)."""
         if ended is not None:
             with self._lock:  # the threads count up under it
                 self.running_batches -= 1
@@ -340,8 +328,7 @@ class Batcher:
             _fail(batch, outcome)
             return
         variant, n = batch[0].variant, int(outcome.shape[0])
-        if learn:
-            self._on_batch(variant, n, ms)
+        self._on_batch(variant, n, ms)
         offset = 0
         for job in batch:
             part = outcome[offset : offset + job.size]

@@ -30,7 +30,6 @@ from service.scheduling import (
     choose_variant,
     next_stream_column,
     predict_completion_ms,
-    rescue,
     spare_for,
 )
 from service.settings import Settings
@@ -221,9 +220,7 @@ class Engine:
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
         remaining = self._remaining_until(deadline_s) - self.loop_lag.allowance_ms
-        quickest = model.fp32(1)
-        late = self._completion_for(1, deadline_s, model)(quickest.candidate) > remaining
-        if late and not self._rescuable(quickest, 1, remaining):
+        if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
             self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
 
@@ -320,14 +317,6 @@ class Engine:
         extra = variant.predict_ms(n) - (single.predict_ms(n) if single else 0.0)
         return spare_for(extra, self.arrivals.gap_ms, self.settings.two_views_max_arrivals)
 
-    def _rescuable(self, variant: VariantRuntime, n: int, remaining_ms: float) -> bool:
-        """Whether a run of `variant` that no queue can fit in time may run at once beside
-        the running batch (`scheduling.rescue`; `FRACTAL_RESCUE_MAX_MS`)."""
-        limit = self.settings.rescue_max_ms
-        if limit <= 0:
-            return False
-        return rescue(variant.predict_ms(n), remaining_ms, limit, self.loop_lag.lag_ms)
-
     def _shed(self, request: Request, why: str) -> Unavailable:
         self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
         return Unavailable(why, "deadline", self.settings.retry_after_s)
@@ -345,12 +334,10 @@ class Engine:
         order_s: float | None = None,
         first: bool = False,
         wait_ms: float = math.inf,
-        beside: bool = False,
     ) -> ColumnAnswer:
         """One run of `variant` for the request. For a request's `first` run, being
         dropped as late while queued counts as shed. A run not done within `wait_ms` is
-        given up (Unavailable; its job is cancelled, or its result ignored if it runs).
-        `beside`: a rescue (`_rescuable`), run at once on the event loop."""
+        given up (Unavailable; its job is cancelled, or its result ignored if it runs)."""
         job = Job(
             variant,
             request.images,
@@ -359,11 +346,7 @@ class Engine:
             drop_when_late=not late_ok,
             order_s=order_s,
         )
-        if beside:
-            if not self.warming:
-                self.metrics.rescued.inc()
-            self.batcher.run_beside(job)
-        elif not self.batcher.run_now(job):
+        if not self.batcher.run_now(job):
             self.batcher.submit(job)
         try:
             timeout_s = None if math.isinf(wait_ms) else max(wait_ms, 0.0) / 1000.0
@@ -410,16 +393,13 @@ class Engine:
         within = self.settings.thrifty_within_ms if crowded else None
         choice = choose_variant(candidates, remaining, completion, within)
         late_ok = self.settings.best_effort
-        beside = False
         if choice is None:
-            choice = min(candidates, key=Candidate.cheapness)
-            n = int(request.images.shape[0])
-            beside = not late_ok and self._rescuable(model.variants[choice.key], n, remaining)
-            if not (late_ok or beside):
+            if not late_ok:
                 raise self._shed(request, "no column can answer within the deadline")
+            choice = min(candidates, key=Candidate.cheapness)
         variant = model.variants[choice.key]
         answer = await self._run(
-            request, variant, late_ok or request.deadline_ms is None, first=True, beside=beside
+            request, variant, late_ok or request.deadline_ms is None, first=True
         )
         return self._finish(model, request, answer, [variant.column], "deepest")
 
@@ -461,14 +441,12 @@ class Engine:
         first_order = request.arrival_s if urgent_first else None
         remaining = self._remaining_ms(request)
         completion = self._completion(request, model, first_order)
-        variant = model.variants[first.key]
-        beside = False
         if completion(first) > remaining and not self.settings.best_effort:
-            beside = self._rescuable(variant, int(request.images.shape[0]), remaining)
-            if not beside:
-                raise self._shed(request, "column 1 cannot answer within the deadline")
+            raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
-        answer = await self._run(request, variant, late_ok, first_order, first=True, beside=beside)
+        answer = await self._run(
+            request, model.variants[first.key], late_ok, first_order, first=True
+        )
         run, first_ms = [1], answer.elapsed_ms
         yield "prediction", answer
         reason = "deepest"

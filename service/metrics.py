@@ -110,11 +110,6 @@ class Metrics:
             ["column"],
             registry=r,
         )
-        self.rescued = Counter(
-            "fractal_rescued",
-            "Requests no queue could serve in time, run at once beside the running batch",
-            registry=r,
-        )
         self.loop_lag = Histogram(
             "fractal_event_loop_lag_seconds",
             "How late the event loop ran a 5 ms timer",

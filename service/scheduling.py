@@ -186,29 +186,6 @@ def plan_batch(
 INLINE_MAX_LAG_MS = 2.0
 """Event-loop lag (smoothed, inline runs excused) above which runs stay on the thread."""
 
-RESCUE_SLOWDOWN = 2.0
-"""How much longer than its predicted time a run beside a running batch is assumed to take:
-the two runs share the CPUs."""
-
-
-def rescue(predicted_ms: float, remaining_ms: float, limit_ms: float, loop_lag_ms: float) -> bool:
-    """Whether a request that no queue can serve in time runs at once on the event loop,
-    beside the batch on the inference thread, rather than being refused.
-
-    A short request arriving while a deep batch runs (25 ms of column 4, say) has no
-    column that fits when its deadline is shorter than that batch, though column 1 alone
-    takes a fraction of a millisecond. Run at once, on the loop, it needs no queue and no
-    hand-off; it slows the running batch a little and holds up the loop for its run, so
-    only runs predicted within `limit_ms` (0: never) are rescued, with `RESCUE_SLOWDOWN`
-    to spare, and not while the loop already runs late.
-    """
-    return (
-        limit_ms > 0
-        and predicted_ms <= limit_ms
-        and predicted_ms * RESCUE_SLOWDOWN <= remaining_ms
-        and loop_lag_ms <= INLINE_MAX_LAG_MS
-    )
-
 
 def run_on_loop(
     images: int,

@@ -41,10 +41,6 @@ class Settings(BaseSettings):
     """Opt-in: an idle server runs a batch predicted to take at most this long on the event
     loop instead of the inference thread (saves the hand-off at low load). 0, the default:
     onnxruntime always runs off the event loop."""
-    rescue_max_ms: float = Field(default=0.0, ge=0)
-    """A request that no queue can serve in time, which would be refused (503), instead
-    runs at once on the event loop beside the running batch when its quickest variant is
-    predicted to run within this many ms and in its budget (`scheduling.rescue`). 0: off."""
     gil_switch_interval_ms: float | None = Field(default=None, gt=0, le=100)
     """How long Python lets a thread hold the GIL while another waits for it
     (`sys.setswitchinterval`); None: Python's default, 5 ms. The inference thread needs

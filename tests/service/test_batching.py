@@ -224,36 +224,6 @@ async def test_by_default_onnxruntime_runs_off_the_event_loop() -> None:
     assert v.threads and v.threads[0] != threading.get_ident()
 
 
-async def test_run_beside_runs_at_once_while_the_thread_is_busy_and_teaches_nothing() -> None:
-    """A rescue runs on the loop while the thread runs another batch, and its time (taken
-    beside that batch) is not reported as a batch the latency model would learn from."""
-    clock = FakeClock()
-    batches: list[str] = []
-    b = Batcher(clock, 32, 0, on_batch=lambda v, n, ms: batches.append(v.key))
-    running, release = threading.Event(), threading.Event()
-    deep = FakeVariant("deep")
-    deep_run = deep.run
-
-    def held(images: np.ndarray) -> np.ndarray:
-        running.set()
-        release.wait(5.0)
-        return deep_run(images)
-
-    deep.run = held  # type: ignore[method-assign]
-    queued = b.submit(job(deep, 1, 1.0, clock))
-    b.start()
-    assert await asyncio.to_thread(running.wait, 5.0)
-    shallow = FakeVariant("shallow")
-    rescued = job(shallow, 9, 1.0, clock)
-    b.run_beside(rescued)
-    assert rescued.future.done() and int(rescued.future.result().probabilities[0, 0]) == 9
-    assert shallow.threads == [threading.get_ident()] and not queued.done()  # still running
-    release.set()
-    await queued
-    await b.stop()
-    assert batches == ["deep"]
-
-
 async def test_run_now_failure_reaches_the_request() -> None:
     clock = FakeClock()
     b = Batcher(clock, max_batch=32, max_wait_ms=0, inline_max_ms=3.0)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 
 from service.scheduling import (
-    INLINE_MAX_LAG_MS,
-    RESCUE_SLOWDOWN,
     Candidate,
     Dispatch,
     Queued,
@@ -17,7 +15,6 @@ from service.scheduling import (
     pick_queue,
     plan_batch,
     predict_completion_ms,
-    rescue,
     run_on_loop,
     spare_for,
 )
@@ -226,14 +223,3 @@ def test_backlog_is_the_running_rest_and_queued_work_per_worker() -> None:
     assert backlog_ms(1.5, waiting, cost_ms, workers=1) == 1.5 + 4 * 0.5 + 2 * 3.0
     assert backlog_ms(0.0, waiting, cost_ms, workers=2) == 4.0
     assert backlog_ms(0.0, [], cost_ms, workers=1) == 0.0
-
-
-def test_rescue_runs_only_short_work_with_room_to_spare() -> None:
-    """A refused request is rescued only when rescues are on, its run is short enough,
-    twice its predicted run fits its budget, and the event loop is not running late."""
-    assert rescue(predicted_ms=0.5, remaining_ms=5.0, limit_ms=1.0, loop_lag_ms=0.0)
-    assert rescue(0.5, 0.5 * RESCUE_SLOWDOWN, 1.0, INLINE_MAX_LAG_MS)  # both bounds inclusive
-    assert not rescue(0.5, 5.0, 0.0, 0.0)  # off
-    assert not rescue(1.5, 5.0, 1.0, 0.0)  # too long a run to hold the loop for
-    assert not rescue(0.5, 0.5 * RESCUE_SLOWDOWN - 0.01, 1.0, 0.0)  # no room beside a batch
-    assert not rescue(0.5, 5.0, 1.0, INLINE_MAX_LAG_MS + 0.1)  # the loop runs late
