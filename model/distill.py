@@ -2,11 +2,12 @@
 
 The teacher is a finished network's answer for the path being trained (the tuned column,
 or the whole network), taken once before training on every un-augmented training image
-and its mirror image, with the logits of the two views averaged (the two-view variant of
-the export, about a point more accurate than one view). The student then learns from a
-mix of the labels and the teacher's softened distribution (Hinton, Vinyals and Dean 2015,
-"Distilling the Knowledge in a Neural Network"): a teacher of the student's own
-architecture can still teach it (Furlanello et al. 2018, "Born-Again Neural Networks").
+and its mirror image, with the logits of the two views averaged (`model.views`, as the
+export's two-view variants do: about a point more accurate than one view). The student
+then learns from a mix of the labels and the teacher's softened distribution (Hinton,
+Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network"): a teacher of the
+student's own architecture can still teach it (Furlanello et al. 2018, "Born-Again
+Neural Networks").
 
 The teacher's answer is for the whole image; the student sees it shifted by up to 4 px
 and perhaps mirrored. The two-view average makes the target the same for both mirror
@@ -18,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.data import to_tensor
 from model.network import FractalNet
 from model.recalibrate import recalibrate_batchnorm
+from model.views import batched_logits
 
 
 @torch.no_grad()
@@ -37,12 +38,7 @@ def teacher_logits(
     image and its mirror image; float32 [N, classes] on the CPU. BatchNorm statistics are
     re-estimated for that path first (see `model.recalibrate`)."""
     net = recalibrate_batchnorm(teacher.to(device), column, calibration)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start : start + batch_size], *norm).to(device)
-        both = net(torch.cat([x, x.flip(-1)]), column=column).float()
-        out.append(both.view(2, len(x), -1).mean(0).cpu())
-    return torch.cat(out) if out else torch.zeros(0, teacher.config.num_classes)
+    return batched_logits(net, column, images, norm, views=2, device=device, batch_size=batch_size)
 
 
 def distillation_loss(

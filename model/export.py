@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import FractalConfig
-from model.data import DATASETS, Split, load_split, to_tensor
+from model.data import DATASETS, Split, load_split
 from model.network import FractalNet, column_parameters
 from model.recalibrate import recalibrate_batchnorm
 from model.train import calibration_batches, load_checkpoint, model_from_checkpoint
+from model.views import batched_logits, viewed_logits
 from service.bundle import (
     Calibration,
     InputSpec,
@@ -55,15 +56,6 @@ log = logging.getLogger("model.export")
 
 PARITY_BOUND = 1e-4
 """Largest |onnxruntime - torch| probability difference an fp32 export may show."""
-
-
-def viewed_logits(net: FractalNet, x: torch.Tensor, column: int, views: int) -> torch.Tensor:
-    """The column's logits for normalised NCHW images; with two views, the mean of the
-    logits of each image and of its mirror image (one run of a doubled batch)."""
-    if views == 1:
-        return net(x, column=column)
-    both = net(torch.cat([x, x.flip(3)]), column=column)
-    return both.reshape(2, -1, both.shape[1]).mean(0)
 
 
 class ServingColumn(nn.Module):
@@ -129,18 +121,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     opt.step(closure)
     return float(log_t.exp().clamp(0.05, 20.0).item())
-
-
-@torch.no_grad()
-def column_logits(
-    net: FractalNet, column: int, split: Split, norm: Any, views: int = 1
-) -> torch.Tensor:
-    images = torch.from_numpy(split.images)
-    parts = [
-        viewed_logits(net, to_tensor(images[i : i + 500], *norm), column, views)
-        for i in range(0, len(split), 500)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, net.config.num_classes)
 
 
 def export_onnx(module: ServingColumn, path: Path, size: int) -> None:
@@ -307,7 +287,8 @@ def _export_column(
 ) -> list[Variant]:
     """The column's fp32 variant with `views` views (temperature fitted, exported, checked
     against torch, measured), and its int8 variant when asked for."""
-    held_logits = column_logits(column_net, column, ctx.held_out, ctx.norm, views)
+    held = torch.from_numpy(ctx.held_out.images)
+    held_logits = batched_logits(column_net, column, held, ctx.norm, views)
     labels = ctx.held_out.labels
     temperature = fit_temperature(held_logits, torch.from_numpy(labels))
     scaled = (held_logits / temperature).softmax(1).numpy()
