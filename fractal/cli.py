@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("model.train", "train FractalNet (torchrun-aware)"),
     "export": ("model.export", "export a checkpoint as a per-column ONNX bundle"),
+    "average": ("model.average", "average the weights of several checkpoints (SWA)"),
     "eval": ("model.evaluate", "top-1 accuracy of a checkpoint (torch) or bundle (onnxruntime)"),
     "bench-train": ("model.bench", "training images/s: drop-path skipped, off, and masked"),
     "serve": ("service.cli", "run the anytime inference server"),
