@@ -93,8 +93,11 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     limit: int | None = None,
     device: torch.device | None = None,
+    split: str = "test",
 ) -> CheckpointScores:
-    """Loss and top-1 of the whole network and of each column, as training reports them."""
+    """Loss and top-1 of the whole network and of each column, as training reports them,
+    on the test set or (`split="holdout"`) on the training images the checkpoint held out,
+    which choosing between checkpoints can use without looking at the test set."""
     device = device or torch.device("cpu")
     ckpt = load_checkpoint(path)
     net = model_from_checkpoint(ckpt).to(device)
@@ -105,9 +108,14 @@ def evaluate_checkpoint(
     # Calibrate on what the network trained on: the training split minus its holdout.
     hold = ckpt.get("holdout", {"count": 0, "seed": 0})
     train = load_split(dataset, "train", data_dir, size)
-    rest, _ = train.holdout(int(hold["count"]), seed=int(hold["seed"]))
-    test = load_test_split(dataset, data_dir, size, ckpt["classes"], limit)
-    log.info("%s: %d test images of %s on %s", path, len(test), dataset, device)
+    rest, held_out = train.holdout(int(hold["count"]), seed=int(hold["seed"]))
+    if split == "holdout":
+        if len(held_out) == 0:
+            raise ValueError(f"{path} was trained without --holdout: no held-out images")
+        test = held_out.subset(limit, seed=0)
+    else:
+        test = load_test_split(dataset, data_dir, size, ckpt["classes"], limit)
+    log.info("%s: %d %s images of %s on %s", path, len(test), split, dataset, device)
     outputs = head_outputs(net, test, norm, device, calibration_batches(rest, norm, device))
     return CheckpointScores(
         summarize(outputs, len(test)), {head: right for head, (_, right) in outputs.items()}
@@ -229,6 +237,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="dataset location (as for training)")
     p.add_argument("--limit", type=int, help="evaluate on only this many test images")
     p.add_argument(
+        "--split",
+        choices=("test", "holdout"),
+        default="test",
+        help="checkpoints: the test set, or the training images held out (--holdout)",
+    )
+    p.add_argument(
         "--update-manifest",
         action="store_true",
         help="bundles: write the measured accuracy and latency into manifest.json",
@@ -256,6 +270,8 @@ def run(args: argparse.Namespace) -> str:
     path: Path = args.path
     if path.is_dir() and (path / MANIFEST).is_file():
         manifest = read_manifest(path)
+        if args.split != "test":
+            raise ValueError("bundles are scored on the test set only (--split test)")
         if args.update_manifest and args.limit is not None:
             raise ValueError("--update-manifest needs the whole test set, not --limit")
         if args.update_manifest and args.dataset not in (None, manifest.dataset):
@@ -272,7 +288,9 @@ def run(args: argparse.Namespace) -> str:
         if args.update_manifest:
             raise ValueError("--update-manifest applies to bundles only")
         device = pick_device(args.device, dist_from_env())
-        result = evaluate_checkpoint(path, args.dataset, args.data_dir, args.limit, device)
+        result = evaluate_checkpoint(
+            path, args.dataset, args.data_dir, args.limit, device, args.split
+        )
         columns = [(head, r) for head, r in result.right.items() if head != "full"]
         return f"{checkpoint_table(result.heads)}\n\n{depth_table(columns)}"
     raise FileNotFoundError(f"{path} is neither a checkpoint nor a bundle folder")

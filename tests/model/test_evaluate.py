@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.data import load_split
 from model.evaluate import (
     VariantScore,
     evaluate_bundle,
+    evaluate_checkpoint,
     format_table,
     main,
     updated_manifest,
@@ -37,6 +39,18 @@ def test_eval_checkpoint_reproduces_training(
     # Each column against the one before it, on the same test images.
     accuracy = {head: float(row[1]) for head, row in table.items()}
     _check_depth_table(depth, ["column_1", "column_2", "column_3", "column_4"], accuracy)
+
+
+def test_eval_checkpoint_on_its_held_out_images(tiny_checkpoint: Path, tiny_bundle: Path) -> None:
+    """The 200 training images the fixture held out, not the test set."""
+    held = evaluate_checkpoint(tiny_checkpoint, split="holdout")
+    test = evaluate_checkpoint(tiny_checkpoint)
+    assert {len(right) for right in held.right.values()} == {200}
+    assert len(test.right["column_4"]) == len(load_split("digits", "test", None, 16))
+    for head, scores in held.heads.items():
+        assert scores["accuracy"] == pytest.approx(held.right[head].mean())
+    with pytest.raises(SystemExit, match="test set only"):
+        main([str(tiny_bundle), "--split", "holdout"])
 
 
 def _check_depth_table(text: str, columns: list[str], accuracy: dict[str, float]) -> None:
