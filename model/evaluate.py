@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     limit: int | None = None,
     device: torch.device | None = None,
-    split: str = "test",
+    split: Literal["test", "holdout"] = "test",
 ) -> CheckpointScores:
     """Loss and top-1 of the whole network and of each column, as training reports them,
     on the test set or (`split="holdout"`) on the training images the checkpoint held out,
@@ -110,6 +111,8 @@ def evaluate_checkpoint(
     train = load_split(dataset, "train", data_dir, size)
     rest, held_out = train.holdout(int(hold["count"]), seed=int(hold["seed"]))
     if split == "holdout":
+        if dataset != ckpt["dataset"]:
+            raise ValueError(f"held-out images are the model's own ({ckpt['dataset']}) only")
         if len(held_out) == 0:
             raise ValueError(f"{path} was trained without --holdout: no held-out images")
         test = held_out.subset(limit, seed=0)

@@ -51,6 +51,8 @@ def test_eval_checkpoint_on_its_held_out_images(tiny_checkpoint: Path, tiny_bund
         assert scores["accuracy"] == pytest.approx(held.right[head].mean())
     with pytest.raises(SystemExit, match="test set only"):
         main([str(tiny_bundle), "--split", "holdout"])
+    with pytest.raises(ValueError, match="model's own"):
+        evaluate_checkpoint(tiny_checkpoint, dataset="synthetic", split="holdout")
 
 
 def _check_depth_table(text: str, columns: list[str], accuracy: dict[str, float]) -> None:
