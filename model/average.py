@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from model.train import load_checkpoint, save_checkpoint
-from service.bundle import sha256_file
+from model.train import read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def average_checkpoints(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     return what was written."""
     if len(paths) < 2:
         raise ValueError("give at least two checkpoints to average")
-    ckpts = [load_checkpoint(p) for p in paths]
+    ckpts, hashes = zip(*(read_checkpoint(p) for p in paths), strict=True)
     last = ckpts[-1]
     for path, ckpt in zip(paths, ckpts, strict=True):
         if ckpt["config"] != last["config"] or ckpt["classes"] != last["classes"]:
@@ -62,8 +61,8 @@ def average_checkpoints(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     result = dict(last)
     result["model"] = average_state_dicts([c["model"] for c in ckpts])
     result["averaged_from"] = [
-        {"file": p.name, "sha256": sha256_file(p), "epoch": int(c["epoch"])}
-        for p, c in zip(paths, ckpts, strict=True)
+        {"file": p.name, "sha256": sha256, "epoch": int(c["epoch"])}
+        for p, c, sha256 in zip(paths, ckpts, hashes, strict=True)
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, result)

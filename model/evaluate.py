@@ -25,6 +25,7 @@ from model.data import DATASETS, Split, load_split
 from model.significance import compare
 from model.train import (
     calibration_batches,
+    checkpoint_normalization,
     dist_from_env,
     head_outputs,
     load_checkpoint,
@@ -104,8 +105,7 @@ def evaluate_checkpoint(
     net = model_from_checkpoint(ckpt).to(device)
     size = net.config.image_size
     dataset = dataset or ckpt["dataset"]
-    norm_cfg = ckpt["normalization"]
-    norm = (torch.tensor(norm_cfg["mean"]), torch.tensor(norm_cfg["std"]))
+    norm = checkpoint_normalization(ckpt)
     # Calibrate on what the network trained on: the training split minus its holdout.
     hold = ckpt.get("holdout", {"count": 0, "seed": 0})
     train = load_split(dataset, "train", data_dir, size)

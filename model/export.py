@@ -28,7 +28,12 @@ from model.config import FractalConfig
 from model.data import DATASETS, Split, load_split
 from model.network import FractalNet, column_parameters
 from model.recalibrate import recalibrate_batchnorm
-from model.train import calibration_batches, load_checkpoint, model_from_checkpoint
+from model.train import (
+    calibration_batches,
+    checkpoint_normalization,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from model.views import batched_logits, viewed_logits
 from service.bundle import (
     Calibration,
@@ -198,12 +203,12 @@ def export_bundle(
     description: str = "",
     command: str | None = None,
 ) -> Manifest:
-    ckpt = load_checkpoint(checkpoint)
+    ckpt, checkpoint_sha256 = read_checkpoint(checkpoint)
     net = model_from_checkpoint(ckpt)
     config = net.config
     dataset = dataset or ckpt["dataset"]
     norm_cfg = ckpt["normalization"]
-    norm = (torch.tensor(norm_cfg["mean"]), torch.tensor(norm_cfg["std"]))
+    norm = checkpoint_normalization(ckpt)
     size = config.image_size
     train = load_split(dataset, "train", data_dir, size)
     hold = ckpt.get("holdout", {"count": 0, "seed": 0})
@@ -257,7 +262,7 @@ def export_bundle(
             date=dt.datetime.fromtimestamp(checkpoint.stat().st_mtime, dt.UTC).isoformat(
                 timespec="seconds"
             ),
-            checkpoint_sha256=sha256_file(checkpoint),
+            checkpoint_sha256=checkpoint_sha256,
             seed=args.get("seed"),
             command=command,
         ),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import math
@@ -32,7 +34,6 @@ from model.data import DATASETS, Split, augment_batch, channel_stats, load_split
 from model.distill import distillation_loss, teacher_logits
 from model.network import FractalNet, tune_only
 from model.recalibrate import recalibrate_batchnorm
-from service.bundle import sha256_file
 
 log = logging.getLogger("model.train")
 
@@ -253,6 +254,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint and the sha256 of its file, from one read of the file."""
+    data = Path(path).read_bytes()
+    ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return ckpt, hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_normalization(ckpt: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (mean, std) the checkpoint's network expects its inputs scaled by."""
+    return torch.tensor(ckpt["normalization"]["mean"]), torch.tensor(ckpt["normalization"]["std"])
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> FractalNet:
     net = FractalNet(FractalConfig.from_dict(ckpt["config"]))
     net.load_state_dict(ckpt["model"])
@@ -359,13 +372,14 @@ def train(args: argparse.Namespace) -> Path:
     per_rank = max(args.batch_size // d.world_size, 1)
     images = torch.from_numpy(train_split.images)
     labels = torch.from_numpy(train_split.labels)
-    soft = _teacher(args, train_split, device) if args.distill_from else None
+    soft: torch.Tensor | None = None
     teachers = list(resume.get("teachers", [])) if resume is not None else []
     if args.distill_from:  # each stage that had a teacher, for the record
+        soft, teacher_sha256 = _teacher(args, train_split, device)
         teachers.append(
             {
                 "from_epoch": start_epoch,
-                "sha256": sha256_file(args.distill_from),
+                "sha256": teacher_sha256,
                 "weight": args.distill_weight,
                 "temperature": args.distill_temperature,
             }
@@ -468,14 +482,17 @@ def train(args: argparse.Namespace) -> Path:
     return ckpt_path
 
 
-def _teacher(args: argparse.Namespace, split: Split, device: torch.device) -> torch.Tensor:
-    """The logits of `--distill-from` for every training image (see `model.distill`)."""
+def _teacher(
+    args: argparse.Namespace, split: Split, device: torch.device
+) -> tuple[torch.Tensor, str]:
+    """The logits of `--distill-from` for every training image (see `model.distill`), and
+    the sha256 of the teacher's file."""
     if not 0 <= args.distill_weight <= 1 or args.distill_temperature <= 0:
         raise ValueError("--distill-weight must lie in [0, 1] and --distill-temperature be > 0")
-    ckpt = load_checkpoint(args.distill_from)
+    ckpt, sha256 = read_checkpoint(args.distill_from)
     if list(ckpt["classes"]) != list(split.classes):
         raise ValueError(f"{args.distill_from}: its classes are not the training data's")
-    norm = (torch.tensor(ckpt["normalization"]["mean"]), torch.tensor(ckpt["normalization"]["std"]))
+    norm = checkpoint_normalization(ckpt)
     started = time.monotonic()
     with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights
         logits = teacher_logits(
@@ -493,7 +510,7 @@ def _teacher(args: argparse.Namespace, split: Split, device: torch.device) -> to
         len(split),
         time.monotonic() - started,
     )
-    return logits
+    return logits, sha256
 
 
 def _torch_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
