@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ from model.network import FractalNet, tune_only
 from model.recalibrate import recalibrate_batchnorm
 
 log = logging.getLogger("model.train")
+
+
+LR_SCHEDULES = ("paper", "constant")
 
 
 def lr_at(epoch: int, total_epochs: int, base_lr: float, schedule_start: int = 0) -> float:
@@ -96,6 +100,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=100, help="global batch (split over ranks)")
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="paper",
+        help="paper: divide --lr by 10 each time the remaining epochs halve; constant: "
+        "--lr throughout (stochastic weight averaging, with --keep-every)",
+    )
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--augment", choices=("none", "plus", "plusplus"), default="none")
@@ -146,6 +157,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=4.0,
         help="with --distill-from: softmax temperature of teacher and student",
+    )
+    p.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also keep the checkpoint of every N-th epoch as OUT/checkpoint-eNNNN.pt "
+        "(epoch ends to average with fractal average; default 0: none)",
     )
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this long")
     p.add_argument("--no-progress", action="store_true")
@@ -243,6 +262,11 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def kept_checkpoint_path(out: Path, epoch: int) -> Path:
+    """Where `--keep-every` keeps the checkpoint written after `epoch`."""
+    return out / f"checkpoint-e{epoch:04d}.pt"
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -293,6 +317,8 @@ def train(args: argparse.Namespace) -> Path:
     resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     if args.restart_schedule and resume is None:
         raise ValueError("--restart-schedule needs --resume and a checkpoint in --out")
+    if args.keep_every < 0:
+        raise ValueError("--keep-every must be 0 (none) or a positive number of epochs")
 
     image_size = args.image_size or (16 if args.dataset == "digits" else 32)
     args.image_size = image_size
@@ -387,7 +413,11 @@ def train(args: argparse.Namespace) -> Path:
     started = time.monotonic()
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
-        lr = lr_at(epoch, args.epochs, args.lr, schedule_start)
+        lr = (
+            args.lr
+            if args.lr_schedule == "constant"
+            else lr_at(epoch, args.epochs, args.lr, schedule_start)
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Same permutation on every rank; each takes its own stride of it.
@@ -470,6 +500,8 @@ def train(args: argparse.Namespace) -> Path:
                     },
                 },
             )
+            if args.keep_every and (epoch + 1) % args.keep_every == 0:
+                shutil.copyfile(ckpt_path, kept_checkpoint_path(out, epoch + 1))
         if d.world_size > 1:
             dist.barrier()
         if args.max_minutes and time.monotonic() - started > args.max_minutes * 60:

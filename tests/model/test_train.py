@@ -17,6 +17,7 @@ from model.network import FractalNet
 from model.recalibrate import recalibrate_batchnorm
 from model.train import (
     build_config,
+    kept_checkpoint_path,
     load_checkpoint,
     lr_at,
     model_from_checkpoint,
@@ -68,6 +69,32 @@ def test_restart_schedule_resumes_at_full_rate_and_keeps_it(tmp_path: Path) -> N
     assert [r["lr"] for r in records[3:]] == pytest.approx(
         [lr_at(e, 5, 0.02, schedule_start=1) for e in (3, 4)]
     )
+
+
+def test_constant_schedule_keeps_the_rate_and_every_epoch_end(tmp_path: Path) -> None:
+    """Stochastic weight averaging's run: `--lr-schedule constant` stays at --lr, and
+    `--keep-every 1` keeps each epoch's checkpoint beside checkpoint.pt."""
+    out = tmp_path / "run"
+    common = [*SYNTHETIC, "--eval-every", "9", "--out", str(out)]
+    train(parse_args([*common, "--epochs", "1"]))
+    swa = ["--lr", "0.01", "--lr-schedule", "constant", "--keep-every", "1"]
+    train(parse_args([*common, "--epochs", "4", "--resume", *swa]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([0.02, 0.01, 0.01, 0.01])
+    kept = sorted(out.glob("checkpoint-e*.pt"))
+    assert kept == [kept_checkpoint_path(out, e) for e in (2, 3, 4)]
+    assert [load_checkpoint(k)["epoch"] for k in kept] == [2, 3, 4]
+    last, final = (
+        load_checkpoint(kept[-1])["model"],
+        load_checkpoint(out / "checkpoint.pt")["model"],
+    )
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert not torch.equal(load_checkpoint(kept[0])["model"]["head.weight"], final["head.weight"])
+
+
+def test_keep_every_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--keep-every"):
+        train(parse_args([*SYNTHETIC, "--keep-every", "-1", "--out", str(tmp_path / "run")]))
 
 
 def test_restart_schedule_needs_a_checkpoint(tmp_path: Path) -> None:
