@@ -54,6 +54,16 @@ def lr_at(epoch: int, total_epochs: int, base_lr: float, schedule_start: int = 0
     return base_lr / 10 ** max(halvings, 0)
 
 
+def scheduled_lr(
+    schedule: str, epoch: int, total_epochs: int, base_lr: float, schedule_start: int = 0
+) -> float:
+    """The learning rate of `epoch` under `--lr-schedule`: the paper's steps (`lr_at`), or
+    `base_lr` throughout (`constant`, for stochastic weight averaging)."""
+    if schedule == "constant":
+        return base_lr
+    return lr_at(epoch, total_epochs, base_lr, schedule_start)
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -314,11 +324,11 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     out: Path = args.out
     ckpt_path = out / "checkpoint.pt"
+    if args.keep_every < 0:
+        raise ValueError("--keep-every must be 0 (none) or a positive number of epochs")
     resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     if args.restart_schedule and resume is None:
         raise ValueError("--restart-schedule needs --resume and a checkpoint in --out")
-    if args.keep_every < 0:
-        raise ValueError("--keep-every must be 0 (none) or a positive number of epochs")
 
     image_size = args.image_size or (16 if args.dataset == "digits" else 32)
     args.image_size = image_size
@@ -413,11 +423,7 @@ def train(args: argparse.Namespace) -> Path:
     started = time.monotonic()
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
-        lr = (
-            args.lr
-            if args.lr_schedule == "constant"
-            else lr_at(epoch, args.epochs, args.lr, schedule_start)
-        )
+        lr = scheduled_lr(args.lr_schedule, epoch, args.epochs, args.lr, schedule_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Same permutation on every rank; each takes its own stride of it.
