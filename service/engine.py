@@ -391,7 +391,9 @@ class Engine:
         remaining = self._remaining_ms(request)
         crowded = self._crowded(request, model, len(candidates))
         within = self.settings.thrifty_within_ms if crowded else None
-        choice = choose_variant(candidates, remaining, completion, within)
+        choice = choose_variant(
+            candidates, remaining, completion, within, self.settings.accuracy_tie
+        )
         late_ok = self.settings.best_effort
         if choice is None:
             if not late_ok:

@@ -25,15 +25,14 @@ class Candidate:
     accuracy: float | None
     views: int = 1
 
-    def rank(self) -> tuple[float, int, int, int]:
-        """Higher is better: manifest accuracy, then depth, then fp32 over int8, then one
-        view over two (the cheaper of otherwise equal answers)."""
-        return (
-            self.accuracy if self.accuracy is not None else -1.0,
-            self.column,
-            int(self.precision == "fp32"),
-            -self.views,
-        )
+    def score(self) -> float:
+        """The manifest accuracy; -1 where the manifest has none."""
+        return self.accuracy if self.accuracy is not None else -1.0
+
+    def tiebreak(self) -> tuple[int, int, int]:
+        """Between equally accurate answers, higher is better: depth, then fp32 over int8,
+        then one view over two (the cheaper of otherwise equal answers)."""
+        return (self.column, int(self.precision == "fp32"), -self.views)
 
     def cheapness(self) -> tuple[int, bool, int]:
         """Lower is cheaper: the order best effort falls back in (column 1, fp32, one
@@ -81,8 +80,14 @@ def choose_variant(
     budget_ms: float,
     completion_ms: Callable[[Candidate], float],
     thrifty_within_ms: float | None = None,
+    accuracy_tie: float = 0.0,
 ) -> Candidate | None:
     """The candidate with the highest manifest accuracy predicted to finish in budget.
+
+    Accuracies within `accuracy_tie` (a fraction: 0.001 is 0.1 percentage points) of the
+    best one that fits count as equal, and equals go by `Candidate.tiebreak` (the deeper
+    column, fp32, one view): an int8 variant one test image more accurate
+    than its fp32 column is not a better answer.
 
     Thrifty (`thrifty_within_ms` given: the server is crowded), only candidates predicted to
     finish within that many ms of the quickest one compete, so that a loaded server gives
@@ -93,8 +98,16 @@ def choose_variant(
         return None
     if thrifty_within_ms is not None:
         by = min(ms for ms, _ in fitting) + thrifty_within_ms
-        return max((c for ms, c in fitting if ms <= by), key=Candidate.rank)
-    return max((c for _, c in fitting), key=Candidate.rank)
+        fitting = [(ms, c) for ms, c in fitting if ms <= by]
+    return most_accurate([c for _, c in fitting], accuracy_tie)
+
+
+def most_accurate(candidates: Sequence[Candidate], accuracy_tie: float = 0.0) -> Candidate:
+    """The most accurate of `candidates`, accuracies within `accuracy_tie` of the best
+    counting as equal (then `Candidate.tiebreak`, then accuracy)."""
+    best = max(c.score() for c in candidates)
+    equal = [c for c in candidates if c.score() >= best - accuracy_tie]
+    return max(equal, key=lambda c: (c.tiebreak(), c.score()))
 
 
 def spare_for(extra_ms: float, arrival_gap_ms: float, max_arrivals: float) -> bool:

@@ -78,6 +78,33 @@ def test_int8_wins_only_on_accuracy() -> None:
     assert choose_variant([*CANDIDATES[:2], int8_worse], 15, alone).key == "column_2_int8"  # type: ignore[union-attr]
 
 
+def test_accuracies_within_the_tie_count_as_equal() -> None:
+    """An int8 variant one test image more accurate than its fp32 column is a tie, and
+    fp32 serves; beyond the tie accuracy rules again, and the tie never makes a variant
+    that does not fit serve."""
+    column_4, column_4_int8 = (
+        Candidate("column_4", 4, "fp32", 0.8550),
+        Candidate("column_4_int8", 4, "int8", 0.8551),
+    )
+    pair = [column_4, column_4_int8]
+    assert choose_variant(pair, math.inf, lambda c: 1.0).key == "column_4_int8"  # type: ignore[union-attr]
+    assert choose_variant(pair, math.inf, lambda c: 1.0, None, 0.001).key == "column_4"  # type: ignore[union-attr]
+    assert choose_variant(pair, math.inf, lambda c: 1.0, None, 0.00005).key == "column_4_int8"  # type: ignore[union-attr]
+    # Within the tie, the deeper column serves even when a shallower one measured higher.
+    close = [Candidate("column_3", 3, "fp32", 0.856), column_4]
+    assert choose_variant(close, math.inf, alone, None, 0.001).key == "column_4"  # type: ignore[union-attr]
+    assert choose_variant(close, 100.0, alone, None, 0.001).key == "column_3"  # type: ignore[union-attr]
+    # Thrifty: among the quick ones, the same tie.
+    assert choose_variant(pair, math.inf, lambda c: 1.0, 0.0, 0.001).key == "column_4"  # type: ignore[union-attr]
+    # Three-way: the tie is measured from the best, not chained.
+    chain = [
+        Candidate("column_2", 2, "fp32", 0.8540),
+        Candidate("column_3", 3, "fp32", 0.8548),
+        Candidate("column_1", 1, "fp32", 0.8556),
+    ]
+    assert choose_variant(chain, math.inf, lambda c: 1.0, None, 0.001).key == "column_3"  # type: ignore[union-attr]
+
+
 def test_two_views_win_only_on_accuracy() -> None:
     """A two-view variant costs twice its column: at equal accuracy the single view
     serves; a more accurate two-view variant serves when it fits."""

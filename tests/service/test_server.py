@@ -492,6 +492,28 @@ def test_a_two_view_variant_serves_when_it_fits(
     assert {(v["key"], v["views"]) for v in card["variants"]} >= {("column_4_flip", 2)}
 
 
+def test_an_int8_variant_a_hair_more_accurate_does_not_serve(
+    make_settings: Callable[..., Settings], service_bundle: Path, tmp_path: Path, image: bytes
+) -> None:
+    """int8 column 4 one test image in 10,000 above fp32 in the manifest: within the
+    default `accuracy_tie` fp32 serves; with exact ties only, int8 does."""
+    bundle = tmp_path / "hair"
+    shutil.copytree(service_bundle, bundle)
+    manifest = read_manifest(bundle)
+    hair = {"column_4": 0.855, "column_4_int8": 0.8551}
+    variants = tuple(
+        v.model_copy(update={"accuracy": hair.get(v.key, v.accuracy)}) for v in manifest.variants
+    )
+    write_manifest(bundle, manifest.model_copy(update={"variants": variants}))
+    with serve_in_thread(make_settings(model_path=bundle)) as server, server.client() as c:
+        r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+        assert (r.json()["column"], r.json()["precision"]) == (4, "fp32"), r.text
+        engine = server.engine
+        engine.settings = engine.settings.model_copy(update={"accuracy_tie": 0.0})
+        r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+        assert (r.json()["column"], r.json()["precision"]) == (4, "int8"), r.text
+
+
 def test_a_missing_two_view_variant_is_a_400(live: Any, image: bytes) -> None:
     with live.client() as c:
         r = classify(c, image, **{"X-Column": "2", "X-Views": "2"})
