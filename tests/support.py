@@ -106,9 +106,14 @@ class ThreadServer:
 def serve_in_thread(settings: Settings) -> Iterator[ThreadServer]:
     """uvicorn in a thread of this process, so that tests can reach into the engine."""
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
-    )
+    with serve_app_in_thread(app, settings.port) as url:
+        yield ThreadServer(url, app)
+
+
+@contextlib.contextmanager
+def serve_app_in_thread(app: FastAPI, port: int) -> Iterator[str]:
+    """Any app under uvicorn on 127.0.0.1:`port`, in a thread; its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -118,7 +123,7 @@ def serve_in_thread(settings: Settings) -> Iterator[ThreadServer]:
             raise RuntimeError("server did not start")
         time.sleep(0.02)
     try:
-        yield ThreadServer(f"http://127.0.0.1:{settings.port}", app)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

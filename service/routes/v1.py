@@ -31,9 +31,10 @@ from service.requests import (
     read_body,
 )
 from service.responses import answer_body, column_event, done_event, model_card
+from service.routes.direct import DirectRoute
 from service.sse import EventStreamResponse
 
-router = APIRouter(prefix="/v1", tags=["v1"])
+router = APIRouter(prefix="/v1", tags=["v1"], route_class=DirectRoute)
 
 CLASSIFY_BODY = {
     "parameters": [

@@ -27,14 +27,18 @@ from service.requests import (
     parse_json,
     read_body,
 )
+from service.routes.direct import DirectRoute
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=DirectRoute)
 
 DTYPES = {"UINT8": np.uint8, "FP32": np.float32}
 OUTPUTS = ("probabilities", "column")
 
 INFER_BODY = {
-    "parameters": [DEADLINE_HEADER],
+    "parameters": [
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+        DEADLINE_HEADER,
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -271,7 +275,8 @@ def _column(params: dict[str, Any]) -> int | None:
 
 
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
-async def infer(name: str, request: Request) -> Response:
+async def infer(request: Request) -> Response:
+    name = request.path_params["name"]  # only the request comes in (`DirectRoute`)
     engine, settings = await admit_inference(request)
     arrival = getattr(request.state, "arrival_s", engine.clock())
     model = _model(engine, name)
