@@ -6,8 +6,9 @@ from typing import Any, ClassVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.jsonresponse import JSONResponse
 
 
 class ServiceError(Exception):

@@ -16,12 +16,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import Access
 from service.engine import Engine
 from service.errors import INTERNAL_ERROR, BadRequest, ServiceError, Unavailable, error_response
+from service.jsonresponse import JSONResponse
 from service.metrics import Metrics
 from service.requests import parse_deadline_ms
 from service.warmup import WARMUP_STATE_KEY

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from service.deps import EngineDep, admit_inference
 from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
 from service.errors import INTERNAL_ERROR, NotFound, ServiceError
 from service.imaging import declared_pixels
+from service.jsonresponse import JSONResponse, dumps
 from service.protocol import EVENT_STREAM
 from service.requests import (
     DEADLINE_HEADER,
@@ -116,7 +116,7 @@ def _note(request: Request, answer: Answer) -> None:
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+    return b"event: " + event.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
 
 async def _stream(request: Request, engine: Engine, req: EngineRequest) -> Response:

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from service.deps import EngineDep, admit_inference
 from service.engine import Engine
 from service.engine import Request as EngineRequest
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from service.jsonresponse import JSONResponse
 from service.model import LoadedModel
 from service.requests import (
     DEADLINE_HEADER,
