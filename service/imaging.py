@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,20 +43,17 @@ def check_image_type(content_type: str | None) -> None:
         )
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from the image's header, without decoding; 0 when there is none
-    (decoding will say what is wrong)."""
-    try:
-        with Image.open(io.BytesIO(data), formats=DECODERS) as img:
-            w, h = img.size
-            return int(w * h)
-    except Exception:  # whatever it is, decode_image reports it
-        return 0
-
-
-def decode_image(data: bytes, height: int, width: int, max_pixels: int) -> np.ndarray:
+def decode_image(
+    data: bytes,
+    height: int,
+    width: int,
+    max_pixels: int,
+    admit: Callable[[int], None] = lambda pixels: None,
+) -> np.ndarray:
     """uint8 [height, width, 3]: RGB, resized with Pillow's bilinear filter (antialiased
-    when shrinking), aspect ratio not kept. Errors are 400 (undecodable) or 413 (too big)."""
+    when shrinking), aspect ratio not kept. Errors are 400 (undecodable) or 413 (too big).
+    `admit` hears the pixel count from the header before anything is decoded, and may
+    stop it by raising."""
     if not data:
         raise BadRequest("empty image")
     try:
@@ -67,6 +65,7 @@ def decode_image(data: bytes, height: int, width: int, max_pixels: int) -> np.nd
                     raise PayloadTooLarge(
                         f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
                     )
+                admit(w * h)
                 img.draft("RGB", (width, height))  # JPEG: decode at reduced scale if possible
                 rgb = img.convert("RGB")
                 if rgb.size != (width, height):

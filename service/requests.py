@@ -110,7 +110,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 INLINE_DECODE_PIXELS = 512 * 512
 """Images up to this many pixels in all are decoded on the event loop (a few ms at most);
 larger ones in a worker thread, so they never stall other requests (health checks,
-shedding) behind them. The hand-off to a thread costs more than a small image does."""
+shedding) behind them. The hand-off to a thread costs more than a small image does. The
+headers decide (`DecodeElsewhere`): what the loop decoded before a request's images
+went over is wasted, and is at most this much."""
 
 
 def images_from_body(
@@ -129,10 +131,27 @@ def encoded_images(body: bytes, content_type: str | None, settings: Settings) ->
     return [body]
 
 
-def decode_images(encoded: list[bytes], model: LoadedModel, settings: Settings) -> np.ndarray:
+class DecodeElsewhere(Exception):
+    """The images of a request hold more pixels than `decode_images` may decode here."""
+
+
+def decode_images(
+    encoded: list[bytes], model: LoadedModel, settings: Settings, max_pixels: float = math.inf
+) -> np.ndarray:
+    """uint8 [N, H, W, 3]. Raises DecodeElsewhere, once an image's header is read, when
+    the images so far declare more than `max_pixels` in all: each image is opened once,
+    whether it is then decoded here or the caller sends the lot to a thread."""
     spec = model.manifest.input
+    declared = 0
+
+    def admit(pixels: int) -> None:
+        nonlocal declared
+        declared += pixels
+        if declared > max_pixels:
+            raise DecodeElsewhere
+
     limit = settings.max_image_pixels
-    return np.stack([decode_image(data, spec.height, spec.width, limit) for data in encoded])
+    return np.stack([decode_image(data, spec.height, spec.width, limit, admit) for data in encoded])
 
 
 def _encoded_from_json(body: bytes, settings: Settings) -> list[bytes]:

@@ -13,7 +13,6 @@ from service.deps import EngineDep, admit_inference
 from service.engine import Answer, ColumnAnswer, Engine, StreamEvent
 from service.engine import Request as EngineRequest
 from service.errors import INTERNAL_ERROR, NotFound, ServiceError
-from service.imaging import declared_pixels
 from service.jsonresponse import JSONResponse, dumps
 from service.protocol import EVENT_STREAM
 from service.requests import (
@@ -21,6 +20,7 @@ from service.requests import (
     INLINE_DECODE_PIXELS,
     PRECISIONS,
     VIEWS,
+    DecodeElsewhere,
     decode_images,
     encoded_images,
     parse_column,
@@ -86,9 +86,9 @@ async def classify(request: Request) -> Response:
     model = engine.current_model(arrival)
     body = await read_body(request, settings.max_body_bytes)
     encoded = encoded_images(body, headers.get("content-type"), settings)
-    if sum(declared_pixels(data) for data in encoded) <= INLINE_DECODE_PIXELS:
-        images = decode_images(encoded, model, settings)
-    else:
+    try:
+        images = decode_images(encoded, model, settings, INLINE_DECODE_PIXELS)
+    except DecodeElsewhere:
         images = await asyncio.to_thread(decode_images, encoded, model, settings)
     req = EngineRequest(images, arrival, deadline, column, precision, threshold, views)
     if EVENT_STREAM in headers.get("accept", ""):
