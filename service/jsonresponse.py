@@ -2,8 +2,9 @@
 
 A column-1 answer spent about 0.05 ms in Starlette's `json.dumps` (its eleven floats
 dominate: Python formats each with `repr`), against a few microseconds in orjson, on a
-request whose whole server time is about 1.5 ms here. The bytes are the same compact
-UTF-8 JSON, but for one thing: orjson writes NaN and infinities as null where
+request whose whole server time is about 1.5 ms here. The output is the same compact
+UTF-8 JSON, the same values (a number may be spelt differently: 0.00001 for 1e-05), but
+for one thing: orjson writes NaN and infinities as null where
 `json.dumps(allow_nan=False)` raises; the server never sends either on purpose.
 """
 
