@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -28,7 +29,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from service.app import create_app
-from service.bundle import read_manifest
+from service.bundle import Variant, read_manifest, write_manifest
 from service.engine import Engine
 from service.settings import Settings
 
@@ -65,6 +66,18 @@ def blank_png(width: int, height: int, rgb: bool = False) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
     )
+
+
+def copy_with_accuracies(
+    source: Path, dest: Path, accuracy: Callable[[Variant], float | None]
+) -> Path:
+    """A copy of bundle `source` at `dest` whose manifest gives each variant
+    `accuracy(variant)`, so that which variant serves does not depend on training."""
+    shutil.copytree(source, dest)
+    manifest = read_manifest(dest)
+    variants = tuple(v.model_copy(update={"accuracy": accuracy(v)}) for v in manifest.variants)
+    write_manifest(dest, manifest.model_copy(update={"variants": variants}))
+    return dest
 
 
 def manifest_profile(bundle: Path) -> dict[str, dict[int, float]]:

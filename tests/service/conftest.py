@@ -4,16 +4,14 @@ look at its engine), serving the tiny bundle."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.bundle import read_manifest, write_manifest
 from service.settings import Settings
-from tests.support import ThreadServer, free_port, serve_in_thread
+from tests.support import ThreadServer, copy_with_accuracies, free_port, serve_in_thread
 
 # Deliberately far above the real cost of the tiny model (well under 1 ms), so that
 # which column fits a deadline depends only on these numbers.
@@ -44,17 +42,11 @@ def fixed_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def service_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny bundle with manifest accuracies set to rise with depth (int8 a little
     below fp32), so variant choice is predictable whatever the tiny training reached."""
-    out = tmp_path_factory.mktemp("service-bundle") / "tiny"
-    shutil.copytree(tiny_bundle, out)
-    manifest = read_manifest(out)
-    variants = tuple(
-        v.model_copy(
-            update={"accuracy": 0.5 + 0.1 * v.column - (0.01 if v.precision == "int8" else 0.0)}
-        )
-        for v in manifest.variants
+    return copy_with_accuracies(
+        tiny_bundle,
+        tmp_path_factory.mktemp("service-bundle") / "tiny",
+        lambda v: 0.5 + 0.1 * v.column - (0.01 if v.precision == "int8" else 0.0),
     )
-    write_manifest(out, manifest.model_copy(update={"variants": variants}))
-    return out
 
 
 @pytest.fixture(scope="session")

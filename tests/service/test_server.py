@@ -11,7 +11,6 @@ import io
 import json
 import math
 import re
-import shutil
 import sys
 import threading
 import time
@@ -24,13 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.bundle import read_manifest, write_manifest
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.conftest import FIXED_PROFILE_MS
 from tests.service.tests_support import png_bytes, read_sse
-from tests.support import MADE_REQUEST_ID, metric_value, serve_in_thread
+from tests.support import MADE_REQUEST_ID, copy_with_accuracies, metric_value, serve_in_thread
 
 TIMING_SLACK_MS = 20.0
 """How late a wake-up may come in a test process shared by client and server threads."""
@@ -435,14 +433,11 @@ def flip_settings(
 ) -> Callable[..., Settings]:
     """Settings for a bundle with two-view variants, each 0.05 more accurate than its
     column and twice as costly."""
-    folder = tmp_path_factory.mktemp("flip-service") / "flip"
-    shutil.copytree(flip_bundle, folder)
-    manifest = read_manifest(folder)
-    variants = tuple(
-        v.model_copy(update={"accuracy": 0.5 + 0.1 * v.column + 0.05 * (v.views - 1)})
-        for v in manifest.variants
+    folder = copy_with_accuracies(
+        flip_bundle,
+        tmp_path_factory.mktemp("flip-service") / "flip",
+        lambda v: 0.5 + 0.1 * v.column + 0.05 * (v.views - 1),
     )
-    write_manifest(folder, manifest.model_copy(update={"variants": variants}))
     one_view = {k: v for k, v in FIXED_PROFILE_MS.items() if not k.endswith("_int8")}
     doubled = {f"{k}_flip": {n: 2 * ms for n, ms in v.items()} for k, v in one_view.items()}
     profile_path = folder.parent / "latency.json"
@@ -497,14 +492,10 @@ def test_an_int8_variant_a_hair_more_accurate_does_not_serve(
 ) -> None:
     """int8 column 4 one test image in 10,000 above fp32 in the manifest: within the
     default `accuracy_tie` fp32 serves; with exact ties only, int8 does."""
-    bundle = tmp_path / "hair"
-    shutil.copytree(service_bundle, bundle)
-    manifest = read_manifest(bundle)
     hair = {"column_4": 0.855, "column_4_int8": 0.8551}
-    variants = tuple(
-        v.model_copy(update={"accuracy": hair.get(v.key, v.accuracy)}) for v in manifest.variants
+    bundle = copy_with_accuracies(
+        service_bundle, tmp_path / "hair", lambda v: hair.get(v.key, v.accuracy)
     )
-    write_manifest(bundle, manifest.model_copy(update={"variants": variants}))
     with serve_in_thread(make_settings(model_path=bundle)) as server, server.client() as c:
         r = classify(c, image, **{"X-Deadline-Ms": "3000"})
         assert (r.json()["column"], r.json()["precision"]) == (4, "fp32"), r.text
