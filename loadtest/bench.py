@@ -3,13 +3,16 @@
 1. The floor: onnxruntime in-process, per column: latency at batch 1 and images/s at the
    best batch size, with the server's thread settings. The deepest column's batched floor
    is measured again right before and after its saturated server run: the shared
-   machine's speed drifts, and only figures taken side by side compare.
+   machine's speed drifts, and only figures taken side by side compare. Beside the tight
+   loop's latency, the latency of a run that follows an idle millisecond (as a server's
+   run follows the wait for its request): on a virtual machine a CPU that went idle runs
+   slower for a while after it wakes.
 2. The server at low load (wrk, one connection, one request at a time, column forced):
    p50/p99 per column and the overhead over the floor.
 3. The server saturated (wrk, many connections, column forced) with batching on and off
    (max batch 1, same threads): requests/s for column 1 and the deepest column, and where
-   a request's CPU time goes (server CPU seconds per request, split into onnxruntime runs
-   and the rest).
+   a request's CPU time goes (server CPU per request, the event loop's share of it, and
+   the onnxruntime runs' wall time).
 4. The load generator's own ceiling against a trivial endpoint.
 """
 
@@ -59,6 +62,8 @@ if column and column ~= "" then wrk.headers["X-Column"] = column end
 
 BATCH_SIZES = (1, 8, 16, 32, 64)
 """Batch sizes of the in-process floor (the first is the unbatched case)."""
+IDLE_GAP_S = 0.001
+"""The sleep before each run of the floor after idle."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -80,11 +85,8 @@ def floor(
         one = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
         for _ in range(10):
             run_probabilities(session, one)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run_probabilities(session, one)
-            times.append((time.perf_counter() - t0) * 1000)
+        times = run_times_ms(session, one, repeats)
+        after_idle = run_times_ms(session, one, repeats, IDLE_GAP_S)
         rates = {
             n: images_per_s(session, rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), repeats)
             for n in batch_sizes
@@ -93,11 +95,26 @@ def floor(
         out[f"column_{v.column}"] = {
             "p50_ms": statistics.median(times),
             "p99_ms": percentile(times, 99),
+            "after_idle_p50_ms": statistics.median(after_idle),
             "best_images_per_s": rates[best_n],
             "best_batch": best_n,
             "batch_gain": rates[best_n] / rates[min(rates)],
         }
     return out
+
+
+def run_times_ms(
+    session: Any, images: np.ndarray, repeats: int, idle_s: float = 0.0
+) -> list[float]:
+    """Wall ms of each of `repeats` runs, back to back or each after `idle_s` of sleep."""
+    times = []
+    for _ in range(repeats):
+        if idle_s:
+            time.sleep(idle_s)
+        t0 = time.perf_counter()
+        run_probabilities(session, images)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 def images_per_s(session: Any, images: np.ndarray, repeats: int) -> float:
@@ -133,14 +150,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_s(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc stat file."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     url: str
     process: subprocess.Popen[bytes]
 
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds used so far by the whole server process and by its main thread
+        (the event loop)."""
+        pid = self.process.pid
+        return _cpu_s(f"/proc/{pid}/stat"), _cpu_s(f"/proc/{pid}/task/{pid}/stat")
 
     def metric_sum(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -250,7 +275,7 @@ def saturated(
         {"BENCH_IMAGE": str(image_path), "BENCH_COLUMN": str(column)},
         script,
     )
-    cpu = srv.cpu_seconds() - cpu0
+    cpu1 = srv.cpu_seconds()
     inference = srv.metric_sum("fractal_inference_duration_seconds_sum") - runs0
     n = max(res["requests"], 1.0)
     # The counters are cumulative since start-up: this run's share is the difference.
@@ -258,7 +283,8 @@ def saturated(
     images = srv.metric_sum("fractal_batch_size_sum") - images0
     return {
         **res,
-        "server_cpu_ms_per_request": 1000 * cpu / n,
+        "server_cpu_ms_per_request": 1000 * (cpu1[0] - cpu0[0]) / n,
+        "event_loop_cpu_ms_per_request": 1000 * (cpu1[1] - cpu0[1]) / n,
         "inference_wall_ms_per_request": 1000 * inference / n,
         "mean_batch_size": images / max(batches, 1.0),
     }
@@ -318,30 +344,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(r: dict[str, Any], columns: int) -> None:
     print("\n## floor (onnxruntime in-process)")
-    print("| column | p50 ms (batch 1) | p99 ms | best images/s | at batch |")
-    print("|---|---|---|---|---|")
+    print(
+        "| column | p50 ms (batch 1) | p99 ms | p50 ms after 1 ms idle | best images/s | at batch |"
+    )
+    print("|---|---|---|---|---|---|")
     for key, f in r["floor"].items():
         print(
-            f"| {key} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | "
+            f"| {key} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {f['after_idle_p50_ms']:.3f} | "
             f"{f['best_images_per_s']:.0f} | {f['best_batch']} |"
         )
     print("\n## server at low load (one request at a time)")
-    print("| column | p50 ms | p99 ms | p50 overhead over floor ms |")
-    print("|---|---|---|---|")
+    print(
+        "| column | p50 ms | p99 ms | p50 overhead over floor ms | over the floor after idle ms |"
+    )
+    print("|---|---|---|---|---|")
     for key, s in r["low_load"].items():
-        over = s["p50_ms"] - r["floor"][key]["p50_ms"]
-        print(f"| {key} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {over:.3f} |")
+        f = r["floor"][key]
+        print(
+            f"| {key} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['p50_ms'] - f['p50_ms']:.3f} | "
+            f"{s['p50_ms'] - f['after_idle_p50_ms']:.3f} |"
+        )
     print("\n## server saturated (wrk)")
     print(
         "| column | batching | requests/s | mean batch | server CPU ms/request | "
-        "onnxruntime wall ms/request | non-2xx |"
+        "event loop CPU ms/request | onnxruntime wall ms/request | non-2xx |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in ("batched", "unbatched"):
         for key, s in r[f"saturated_{mode}"].items():
             print(
                 f"| {key} | {mode} | {s['requests_per_s']:.0f} | {s['mean_batch_size']:.1f} | "
                 f"{s['server_cpu_ms_per_request']:.3f} | "
+                f"{s['event_loop_cpu_ms_per_request']:.3f} | "
                 f"{s['inference_wall_ms_per_request']:.3f} | {s['non_2xx']:.0f} |"
             )
     deep = f"column_{columns}"

@@ -30,11 +30,15 @@ def test_bench_runs_end_to_end(
         assert set(report[mode]) == {"column_1", f"column_{columns}"}
         for run in report[mode].values():
             assert run["requests_per_s"] > 0 and run["non_2xx"] == 0
+            # the event loop is one thread of the server process
+            assert 0 < run["event_loop_cpu_ms_per_request"] <= run["server_cpu_ms_per_request"]
     assert report["saturated_unbatched"]["column_1"]["mean_batch_size"] == pytest.approx(1.0)
     assert all(f["batch_gain"] >= 1.0 for f in report["floor"].values())  # best vs batch 1
+    assert all(f["after_idle_p50_ms"] > 0 for f in report["floor"].values())
     beside = report["deepest_floor_beside"]
     assert beside["before"] > 0 and beside["after"] > 0
     printed = capsys.readouterr().out
     assert "## server at low load" in printed and "p50 overhead over floor ms" in printed
+    assert "over the floor after idle ms" in printed and "event loop CPU ms/request" in printed
     assert "(floor measured beside the run:" in printed
     assert "in-process, best batch / batch 1 = " in printed
