@@ -9,65 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import uvicorn
 
 from service.app import create_app
 from service.engine import Engine
+from service.logs import configure_logging, logging_off_the_loop
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.name == "service.access":
-            try:
-                body = json.loads(message)
-            except ValueError:
-                body = {"message": message}
-        else:
-            body = {"message": message}
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            **body,
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(settings: Settings) -> dict[str, Any]:
-    formatter = (
-        {"()": JsonFormatter}
-        if settings.log_json
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    )
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"default": formatter},
-        "handlers": {
-            "default": {
-                "class": "logging.StreamHandler",
-                "formatter": "default",
-                "stream": "ext://sys.stderr",
-            }
-        },
-        "root": {"handlers": ["default"], "level": settings.log_level.upper()},
-        "loggers": {"uvicorn.access": {"level": "WARNING"}},
-    }
 
 
 class DrainingServer(uvicorn.Server):
@@ -161,5 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
     )
     server = DrainingServer(config, app.state.engine, settings.shutdown_grace_s)
-    server.run()
+    with logging_off_the_loop():  # after uvicorn.Config, which applies the log config
+        server.run()
     return 0 if server.started else 1

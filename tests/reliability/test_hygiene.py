@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.cli import JsonFormatter
+from service.logs import JsonFormatter
 from service.settings import Settings
 from tests.support import (
     MADE_REQUEST_ID,
