@@ -294,7 +294,7 @@ class Engine:
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
             variants = model.variants.values()
-            if not self.settings.two_views:  # no two-view variant loaded: nothing to judge
+            if not self._judging_arrivals():  # nothing to judge: every variant competes
                 return [v.candidate for v in variants]
             return [v.candidate for v in variants if self._may_serve(v, request, model)]
         variant = model.find(request.column, request.precision, request.views)
@@ -307,15 +307,28 @@ class Engine:
             )
         return [variant.candidate]
 
+    def _judging_arrivals(self) -> bool:
+        """Whether some variants compete only while the arrivals leave room for them."""
+        return self.settings.two_views or not math.isinf(self.settings.deeper_max_arrivals)
+
     def _may_serve(self, variant: VariantRuntime, request: Request, model: LoadedModel) -> bool:
-        """Single views always; a two-view variant (loaded with `FRACTAL_TWO_VIEWS` on)
-        while the arrivals leave room for its extra run time."""
+        """Whether the arrivals leave room for the variant's extra run time: a column
+        deeper than 1 for its time beyond column 1 (`deeper_max_arrivals`), a two-view
+        variant (loaded with `FRACTAL_TWO_VIEWS` on) also for its time beyond its single
+        view (`two_views_max_arrivals`)."""
+        n = int(request.images.shape[0])
+        gap_ms = self.arrivals.gap_ms
+        single = model.find(variant.column, variant.precision)
+        single_ms = single.predict_ms(n) if single is not None else None
+        if variant.column > 1:
+            own_ms = single_ms if single_ms is not None else variant.predict_ms(n)
+            deeper_ms = own_ms - model.fp32(1).predict_ms(n)
+            if not spare_for(deeper_ms, gap_ms, self.settings.deeper_max_arrivals):
+                return False
         if variant.views == 1:
             return True
-        n = int(request.images.shape[0])
-        single = model.find(variant.column, variant.precision)
-        extra = variant.predict_ms(n) - (single.predict_ms(n) if single else 0.0)
-        return spare_for(extra, self.arrivals.gap_ms, self.settings.two_views_max_arrivals)
+        extra_ms = variant.predict_ms(n) - (single_ms or 0.0)
+        return spare_for(extra_ms, gap_ms, self.settings.two_views_max_arrivals)
 
     def _shed(self, request: Request, why: str) -> Unavailable:
         self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
@@ -374,8 +387,8 @@ class Engine:
         return await self._classify(request)
 
     def _arrived(self, request: Request) -> None:
-        """Only two-view variants read the arrival gap (`_may_serve`)."""
-        if self.settings.two_views and not self.warming:
+        """Only `_may_serve` reads the arrival gap."""
+        if self._judging_arrivals() and not self.warming:
             self.arrivals.observe(request.arrival_s)
 
     async def _classify(self, request: Request) -> Answer:

@@ -4,6 +4,7 @@ look at its engine), serving the tiny bundle."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ def make_settings(service_bundle: Path, fixed_profile: Path) -> Callable[..., Se
             "latency_profile_path": fixed_profile,
             "latency_learning": False,
             "deadline_margin_ms": 0.0,
+            # The fixed profile is far slower than the requests come: no arrival bound.
+            "deeper_max_arrivals": math.inf,
             "log_json": False,
             "intra_op_threads": 1,
         }

@@ -487,6 +487,23 @@ def test_a_two_view_variant_serves_when_it_fits(
     assert {(v["key"], v["views"]) for v in card["variants"]} >= {("column_4_flip", 2)}
 
 
+def test_a_deeper_column_competes_only_while_the_arrivals_leave_room(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """`deeper_max_arrivals` 0.5: with requests 400 ms apart a column may take at most
+    200 ms beyond column 1's 20, so column 2 (100 ms) serves a deadline column 4 (700 ms)
+    fits; 2 s apart, column 4; forced columns are not judged."""
+    with serve_in_thread(make_settings(deeper_max_arrivals=0.5)) as server, server.client() as c:
+        arrivals = server.engine.arrivals
+        for gap_ms, column in ((400.0, 2), (2000.0, 4), (400.0, 2)):
+            arrivals.gap_ms, arrivals.last_s = gap_ms, None  # the next arrival keeps the gap
+            r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+            assert r.json()["column"] == column, (gap_ms, r.text)
+        arrivals.gap_ms, arrivals.last_s = 400.0, None
+        r = classify(c, image, **{"X-Column": "4", "X-Deadline-Ms": "3000"})
+        assert r.json()["column"] == 4, r.text
+
+
 def test_an_int8_variant_a_hair_more_accurate_does_not_serve(
     make_settings: Callable[..., Settings], service_bundle: Path, tmp_path: Path, image: bytes
 ) -> None:
