@@ -66,6 +66,14 @@ def decode_image(
     return fast if fast is not None else decode_with_pillow(data, height, width, max_pixels, admit)
 
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """413 for an image whose header declares more than `max_pixels`."""
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+
+
 def decode_jpeg(
     data: bytes,
     height: int,
@@ -86,8 +94,7 @@ def decode_jpeg(
         return None
     if colorspace not in FAST_JPEG_COLORSPACES or w >= 2 * width or h >= 2 * height:
         return None
-    if w * h > max_pixels:  # only with a limit below twice the model's input
-        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    check_pixels(w, h, max_pixels)  # only with a limit below twice the model's input
     admit(w * h)
     try:
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -107,10 +114,7 @@ def decode_with_pillow(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=DECODERS) as img:
                 w, h = img.size
-                if w * h > max_pixels:
-                    raise PayloadTooLarge(
-                        f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
-                    )
+                check_pixels(w, h, max_pixels)
                 admit(w * h)
                 img.draft("RGB", (width, height))  # JPEG: decode at reduced scale if possible
                 rgb = img.convert("RGB")
