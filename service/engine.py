@@ -296,7 +296,9 @@ class Engine:
             variants = model.variants.values()
             if not self._judging_arrivals():  # nothing to judge: every variant competes
                 return [v.candidate for v in variants]
-            return [v.candidate for v in variants if self._may_serve(v, request, model)]
+            n = int(request.images.shape[0])
+            column_1_ms = model.fp32(1).predict_ms(n)  # once, not once a variant
+            return [v.candidate for v in variants if self._may_serve(v, n, column_1_ms, model)]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
             raise BadRequest(
@@ -311,18 +313,19 @@ class Engine:
         """Whether some variants compete only while the arrivals leave room for them."""
         return self.settings.two_views or not math.isinf(self.settings.deeper_max_arrivals)
 
-    def _may_serve(self, variant: VariantRuntime, request: Request, model: LoadedModel) -> bool:
-        """Whether the arrivals leave room for the variant's extra run time: a column
-        deeper than 1 for its time beyond column 1 (`deeper_max_arrivals`), a two-view
-        variant (loaded with `FRACTAL_TWO_VIEWS` on) also for its time beyond its single
-        view (`two_views_max_arrivals`)."""
-        n = int(request.images.shape[0])
+    def _may_serve(
+        self, variant: VariantRuntime, n: int, column_1_ms: float, model: LoadedModel
+    ) -> bool:
+        """Whether the arrivals leave room for the variant's extra run time on `n` images:
+        a column deeper than 1 for its time beyond column 1's `column_1_ms`
+        (`deeper_max_arrivals`), a two-view variant (loaded with `FRACTAL_TWO_VIEWS` on)
+        also for its time beyond its single view (`two_views_max_arrivals`)."""
         gap_ms = self.arrivals.gap_ms
         single = model.find(variant.column, variant.precision)
         single_ms = single.predict_ms(n) if single is not None else None
         if variant.column > 1:
             own_ms = single_ms if single_ms is not None else variant.predict_ms(n)
-            deeper_ms = own_ms - model.fp32(1).predict_ms(n)
+            deeper_ms = own_ms - column_1_ms
             if not spare_for(deeper_ms, gap_ms, self.settings.deeper_max_arrivals):
                 return False
         if variant.views == 1:

@@ -100,10 +100,15 @@ def decode_jpeg(
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:
         return None  # a corrupt body: Pillow says why
-    if (w, h) != (width, height):
-        resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.uint8)
-    return rgb
+    return rgb if (w, h) == (width, height) else to_input(Image.fromarray(rgb), height, width)
+
+
+def to_input(rgb: Image.Image, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width, 3] of an RGB image, resized with Pillow's bilinear filter
+    where its size differs."""
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def decode_with_pillow(
@@ -117,10 +122,7 @@ def decode_with_pillow(
                 check_pixels(w, h, max_pixels)
                 admit(w * h)
                 img.draft("RGB", (width, height))  # JPEG: decode at reduced scale if possible
-                rgb = img.convert("RGB")
-                if rgb.size != (width, height):
-                    rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8)
+                return to_input(img.convert("RGB"), height, width)
     except PayloadTooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
