@@ -139,6 +139,23 @@ class ArrivalGap:
 
 
 @dataclass
+class Headroom:
+    """How often recent requests came close to missing their deadlines: a running mean
+    (by `smoothing`) of the share refused, or answered with under `margin_ms` of their
+    deadline left. Starts at 1 (close), so that a new server is careful until its answers
+    show room to spare."""
+
+    margin_ms: float
+    smoothing: float = 0.02
+    close_share: float = 1.0
+
+    def observe(self, left_ms: float) -> None:
+        """An answer with `left_ms` of its deadline to spare (negative: late; -inf: refused)."""
+        close = left_ms < self.margin_ms
+        self.close_share += self.smoothing * (float(close) - self.close_share)
+
+
+@dataclass
 class LoopLag:
     """How late the event loop runs a timer, in ms (smoothed). A request waits about this
     long before the server reads it, and again before its answer leaves."""

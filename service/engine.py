@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.admission import ArrivalGap, ConcurrencyLimit, LoopLag
+from service.admission import ArrivalGap, ConcurrencyLimit, Headroom, LoopLag
 from service.batching import Batcher, Job, JobResult, Runnable
 from service.errors import BadRequest, Unavailable
 from service.metrics import Metrics
@@ -116,6 +116,7 @@ class Engine:
         metrics.admission_in_flight.set_function(lambda: self.admission.in_flight)
         self.loop_lag = LoopLag(clock, on_sample=lambda ms: metrics.loop_lag.observe(ms / 1e3))
         self.arrivals = ArrivalGap()
+        self.headroom = Headroom(settings.tight_margin_ms)
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,
@@ -216,12 +217,12 @@ class Engine:
         retry = self.settings.retry_after_s
         queue_full = self.batcher.queued_images >= self.settings.queue_limit_images
         if self.admission.full_for(deadline_ms) or queue_full:
-            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
+            self._count_shed()
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
         remaining = self._remaining_until(deadline_s) - self.loop_lag.allowance_ms
         if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
-            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
+            self._count_shed()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
 
     def _completion(
@@ -267,7 +268,12 @@ class Engine:
         threshold = self.settings.thrifty_backlog_ms
         if request.deadline_ms is None or choices < 2 or math.isinf(threshold):
             return False
-        return self._backlog_ms(model) > threshold
+        return self._tight() and self._backlog_ms(model) > threshold
+
+    def _tight(self) -> bool:
+        """Whether recent requests came close to their deadlines (`tight_margin_ms`):
+        only then does the server give up accuracy for time."""
+        return self.headroom.close_share >= self.settings.tight_share
 
     def _busy(self, model: LoadedModel) -> bool:
         """Too busy to refine a stream: inference work waiting, or an event loop running
@@ -297,7 +303,9 @@ class Engine:
             if not self._judging_arrivals():  # nothing to judge: every variant competes
                 return [v.candidate for v in variants]
             n = int(request.images.shape[0])
-            column_1_ms = model.fp32(1).predict_ms(n)  # once, not once a variant
+            # Column 1's run is predicted once, not once a variant; not at all while the
+            # deadlines leave room (the deeper columns are not judged then).
+            column_1_ms = model.fp32(1).predict_ms(n) if self._tight() else None
             return [v.candidate for v in variants if self._may_serve(v, n, column_1_ms, model)]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
@@ -314,16 +322,17 @@ class Engine:
         return self.settings.two_views or not math.isinf(self.settings.deeper_max_arrivals)
 
     def _may_serve(
-        self, variant: VariantRuntime, n: int, column_1_ms: float, model: LoadedModel
+        self, variant: VariantRuntime, n: int, column_1_ms: float | None, model: LoadedModel
     ) -> bool:
         """Whether the arrivals leave room for the variant's extra run time on `n` images:
         a column deeper than 1 for its time beyond column 1's `column_1_ms`
-        (`deeper_max_arrivals`), a two-view variant (loaded with `FRACTAL_TWO_VIEWS` on)
-        also for its time beyond its single view (`two_views_max_arrivals`)."""
+        (`deeper_max_arrivals`; not judged when None), a two-view variant (loaded with
+        `FRACTAL_TWO_VIEWS` on) also for its time beyond its single view
+        (`two_views_max_arrivals`)."""
         gap_ms = self.arrivals.gap_ms
         single = model.find(variant.column, variant.precision)
         single_ms = single.predict_ms(n) if single is not None else None
-        if variant.column > 1:
+        if variant.column > 1 and column_1_ms is not None:
             own_ms = single_ms if single_ms is not None else variant.predict_ms(n)
             deeper_ms = own_ms - column_1_ms
             if not spare_for(deeper_ms, gap_ms, self.settings.deeper_max_arrivals):
@@ -333,13 +342,19 @@ class Engine:
         extra_ms = variant.predict_ms(n) - (single_ms or 0.0)
         return spare_for(extra_ms, gap_ms, self.settings.two_views_max_arrivals)
 
-    def _shed(self, request: Request, why: str) -> Unavailable:
+    def _count_shed(self) -> None:
+        """A request refused: counted, and as a close call (it had no room at all)."""
         self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
+        if not self.warming:
+            self.headroom.observe(-math.inf)
+
+    def _shed(self, request: Request, why: str) -> Unavailable:
+        self._count_shed()
         return Unavailable(why, "deadline", self.settings.retry_after_s)
 
     def _check_queue(self, request: Request) -> None:
         if self.batcher.queued_images + request.images.shape[0] > self.settings.queue_limit_images:
-            self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
+            self._count_shed()
             raise Unavailable("queue full", "queue_full", self.settings.retry_after_s)
 
     async def _run(
@@ -373,7 +388,7 @@ class Engine:
             ) from None
         except Unavailable:
             if first:
-                self.metrics.child(self.metrics.deadline_outcomes, "shed").inc()
+                self._count_shed()
             raise
         return ColumnAnswer(
             variant,
@@ -533,6 +548,7 @@ class Engine:
             timed = first_ms if first_ms is not None and answer.deadline_met else elapsed
             seen = timed + self.loop_lag.allowance_ms  # about what the client sees
             self.admission.outcome(seen, request.deadline_ms, self.clock(), request.arrival_s)
+            self.headroom.observe(request.deadline_ms - seen)
         return answer
 
     def _queue_changed(self, variant: Runnable, images: int) -> None:

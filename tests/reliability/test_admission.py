@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.admission import ArrivalGap, ConcurrencyLimit, LoopLag
+from service.admission import ArrivalGap, ConcurrencyLimit, Headroom, LoopLag
 from tests.support import ThreadServer, image_bytes, metric_value
 
 
@@ -23,6 +23,19 @@ def test_arrival_gap_follows_the_mean_gap() -> None:
     assert a.gap_ms == pytest.approx(20.0)  # then smoothed
     a.observe(1.030)  # out of order (another connection's clock read): a gap of 0
     assert a.gap_ms == pytest.approx(10.0) and a.last_s == 1.040
+
+
+def test_headroom_counts_refusals_and_answers_close_to_their_deadlines() -> None:
+    h = Headroom(margin_ms=3.0, smoothing=0.5)
+    assert h.close_share == 1.0  # a new server is careful
+    h.observe(10.0)
+    h.observe(3.0)  # at the margin: room enough
+    assert h.close_share == pytest.approx(0.25)
+    h.observe(2.9)
+    assert h.close_share == pytest.approx(0.625)
+    h.observe(10.0)
+    h.observe(-float("inf"))  # refused
+    assert h.close_share == pytest.approx(0.65625)
 
 
 def test_limit_grows_by_one_per_round_of_timely_answers() -> None:

@@ -410,15 +410,17 @@ def test_a_busy_server_answers_with_the_quickest_column_that_fits(
     make_settings: Callable[..., Settings], image: bytes
 ) -> None:
     """While column 4 runs (made to take 0.6 s), a request that could wait for the deepest
-    column gets column 1 instead: a busy server gives up accuracy first. With the thrifty
-    rule off it waits for the deepest."""
-    for backlog_ms, expected in ((0.5, 1), (math.inf, 4)):
+    column gets column 1 instead: a busy server gives up accuracy first, while deadlines
+    are tight (as a new server assumes). With the thrifty rule off, or once recent
+    requests had room to spare, it waits for the deepest."""
+    for backlog_ms, close_share, expected in ((0.5, 1.0, 1), (math.inf, 1.0, 4), (0.5, 0.0, 4)):
         with (
             serve_in_thread(make_settings(thrifty_backlog_ms=backlog_ms)) as server,
             slowed(server.engine.model, (4,), 0.6),
             server.client() as busy,
             server.client() as client,
         ):
+            server.engine.headroom.close_share = close_share
             blocker = threading.Thread(target=lambda: classify(busy, image, **{"X-Column": "4"}))
             blocker.start()
             time.sleep(0.2)  # column 4 is running
@@ -502,6 +504,31 @@ def test_a_deeper_column_competes_only_while_the_arrivals_leave_room(
         arrivals.gap_ms, arrivals.last_s = 400.0, None
         r = classify(c, image, **{"X-Column": "4", "X-Deadline-Ms": "3000"})
         assert r.json()["column"] == 4, r.text
+
+
+def test_the_arrival_bound_holds_only_while_deadlines_are_tight(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """Requests 400 ms apart, as above: column 2 while recent requests came close to
+    their deadlines (a new server assumes so), column 4 once they had room to spare; a
+    refusal makes the server careful again."""
+    settings = make_settings(deeper_max_arrivals=0.5, tight_margin_ms=100.0)
+    with serve_in_thread(settings) as server, server.client() as c:
+        engine = server.engine
+
+        def column() -> int:
+            engine.arrivals.gap_ms, engine.arrivals.last_s = 400.0, None
+            r = classify(c, image, **{"X-Deadline-Ms": "3000"})
+            assert r.status_code == 200, r.text
+            return int(r.json()["column"])
+
+        assert column() == 2
+        engine.headroom.close_share = 0.0  # as after answers with over 100 ms to spare
+        assert [column() for _ in range(3)] == [4, 4, 4]  # each left nearly 3 s: room
+        r = classify(c, image, **{"X-Deadline-Ms": "1"})  # nothing fits: refused
+        assert r.status_code == 503, r.text
+        assert engine.headroom.close_share > settings.tight_share
+        assert column() == 2
 
 
 def test_an_int8_variant_a_hair_more_accurate_does_not_serve(
