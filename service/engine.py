@@ -483,6 +483,12 @@ class Engine:
         run, first_ms = [1], answer.elapsed_ms
         yield "prediction", answer
         reason = "deepest"
+        deeper = columns
+        if urgent_first and request.deadline_ms is not None and self._tight():
+            # A stream's deeper runs are extra work, all of each run: while deadlines are
+            # tight, the arrivals must leave room for it as for a deeper single answer.
+            n = int(request.images.shape[0])
+            deeper = [c for c in columns if self._may_serve(model.variants[c.key], n, 0.0, model)]
         while True:
             threshold = request.cascade_threshold
             if threshold is not None and answer.confidence >= threshold:
@@ -497,14 +503,15 @@ class Engine:
                 # delay other streams' first answers and single answers.
                 reason = "load"
                 break
-            nxt = next_stream_column(
-                columns,
-                answer.variant.column,
-                self._remaining_ms(request),
-                self._completion(request, model),
-            )
+            remaining, completion = self._remaining_ms(request), self._completion(request, model)
+            nxt = next_stream_column(deeper, answer.variant.column, remaining, completion)
             if nxt is None:
-                reason = "deadline"
+                # Stopped by the deadline, or by the arrivals when a column they left no
+                # room for would have fitted.
+                bounded = deeper is not columns and next_stream_column(
+                    columns, answer.variant.column, remaining, completion
+                )
+                reason = "load" if bounded else "deadline"
                 break
             try:
                 # A deeper answer is worth waiting for only until the deadline: the last

@@ -124,6 +124,24 @@ def test_a_stream_does_not_go_deeper_while_the_event_loop_runs_late(
     assert events[-1][0] == "done" and events[-1][1]["reason"] == "load"
 
 
+def test_a_stream_goes_deeper_only_where_the_arrivals_leave_room_while_deadlines_are_tight(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """Requests 400 ms apart and `deeper_max_arrivals` 0.5: while deadlines are tight (as
+    a new server assumes) a refinement may take 200 ms, so column 2 (100 ms) runs and
+    columns 3 and 4 do not (`load`); with room to spare every column runs."""
+    settings = make_settings(deeper_max_arrivals=0.5, tight_margin_ms=100.0)
+    with serve_in_thread(settings) as server:
+        engine = server.engine
+        runs = []
+        for close_share in (1.0, 0.0):
+            engine.headroom.close_share = close_share
+            engine.arrivals.gap_ms, engine.arrivals.last_s = 400.0, None
+            events = read_sse(server.url, image, {"X-Deadline-Ms": "5000"})
+            runs.append((events[-1][1]["columns_run"], events[-1][1]["reason"]))
+    assert runs == [([1, 2], "load"), ([1, 2, 3, 4], "deepest")]
+
+
 def test_stream_skips_a_middle_column_that_would_cost_a_deeper_one(live: Any, image: bytes) -> None:
     # After column 1 about 330 ms remain: column 3 (300) fits, column 2 then 3 (400)
     # does not, so column 2 is skipped.
