@@ -117,6 +117,7 @@ class Engine:
         self.loop_lag = LoopLag(clock, on_sample=lambda ms: metrics.loop_lag.observe(ms / 1e3))
         self.arrivals = ArrivalGap()
         self.headroom = Headroom(settings.tight_margin_ms)
+        metrics.deadline_close_share.set_function(lambda: self.headroom.close_share)
         self._reload_lock = asyncio.Lock()
         self.batcher = Batcher(
             clock,

@@ -126,6 +126,12 @@ class Metrics:
             "Requests with a deadline admitted and not yet answered",
             registry=r,
         )
+        self.deadline_close_share = Gauge(
+            "fractal_deadline_close_share",
+            "Share of recent requests refused or answered close to their deadlines (running "
+            "mean): at or above FRACTAL_TIGHT_SHARE the server gives up accuracy for time",
+            registry=r,
+        )
         self.model_info = Info("fractal_model", "The model being served", registry=r)
         self.ready = Gauge("fractal_ready", "1 when the server reports ready", registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

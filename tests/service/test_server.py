@@ -368,6 +368,7 @@ def test_metrics_count_requests_and_outcomes(live: Any, image: bytes) -> None:
     start = settings.max_batch_size * settings.inference_workers
     assert metric_value(text, "fractal_admission_limit") == start
     assert metric_value(text, "fractal_admission_in_flight") == 0
+    assert 0.0 <= metric_value(text, "fractal_deadline_close_share") <= 1.0
     lag_samples = [
         ln for ln in text.splitlines() if ln.startswith("fractal_event_loop_lag_seconds_count")
     ]
