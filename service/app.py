@@ -94,6 +94,8 @@ def create_app(
         engine=engine,
         default_deadline_ms=settings.default_deadline_ms,
         access=app.state.access,
+        # Straight to the endpoint, unless CORS (inside this middleware) must see it.
+        endpoint=None if settings.cors_origins else v1.classify,
     )
     app.add_middleware(
         ObservabilityMiddleware, metrics=metrics, clock=clock, log_json=settings.log_json

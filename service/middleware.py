@@ -1,5 +1,6 @@
 """ASGI middleware: arrival time, request id, metrics and one JSON access-log line; and
-the refusal at arrival of work an overloaded server cannot answer in time.
+the refusal at arrival of work an overloaded server cannot answer in time, which then
+hands `/v1/classify` to its endpoint without routing.
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
 request is timed to its last byte (for a stream: the `done` event).
@@ -13,9 +14,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import Access
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 CLASSIFY = "/v1/classify"
 UNTIMED_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 _PROCESS_ID = uuid.uuid4().hex[:12]
@@ -143,12 +147,18 @@ class EarlyShedding:
     """
 
     def __init__(
-        self, app: ASGIApp, engine: Engine, default_deadline_ms: float | None, access: Access
+        self,
+        app: ASGIApp,
+        engine: Engine,
+        default_deadline_ms: float | None,
+        access: Access,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.app = app
         self.engine = engine
         self.default_deadline_ms = default_deadline_ms
         self.access = access
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -165,7 +175,7 @@ class EarlyShedding:
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         deadline = self._deadline(scope)
         if deadline is None:  # not judged here: the route checks (a bad header is a 400)
-            await self.app(scope, receive, send)
+            await self._serve(scope, receive, send)
             return
         state = scope["state"]
         try:
@@ -179,7 +189,24 @@ class EarlyShedding:
             return
         with self.engine.admission.admitted() as release:
             state["release_admission"] = release
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A `/v1/classify` request straight to its endpoint when one is given: FastAPI's
+        routing, its exception middleware and the route's wrappers took about a tenth of
+        the event loop's CPU a request (column 1 at 540 requests/s: 0.83-0.87 ms routed,
+        0.72-0.73 direct), for nothing this endpoint uses: it takes only the request, its
+        errors are `ServiceError`s, rendered here as their handler would, and anything else
+        reaches `ObservabilityMiddleware`'s 500. Everything else is routed."""
+        if self.endpoint is None or not is_classify(scope):
             await self.app(scope, receive, send)
+            return
+        scope["state"]["endpoint"] = CLASSIFY
+        try:
+            response = await self.endpoint(Request(scope, receive, send))
+        except ServiceError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
 
     def _check_access(self, scope: Scope) -> None:
         client = scope.get("client")
@@ -190,12 +217,16 @@ class EarlyShedding:
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a
         bad header, which the route explains)."""
-        if scope["method"] != "POST" or scope["path"] != CLASSIFY:
+        if not is_classify(scope):
             return None
         try:
             return parse_deadline_ms(header(scope, b"x-deadline-ms"), self.default_deadline_ms)
         except BadRequest:
             return None
+
+
+def is_classify(scope: Scope) -> bool:
+    return bool(scope["method"] == "POST" and scope["path"] == CLASSIFY)
 
 
 def header(scope: Scope, name: bytes) -> str | None:

@@ -16,7 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
+from service.app import create_app
 from service.logs import JsonFormatter
+from service.middleware import EarlyShedding
+from service.routes import v1
 from service.settings import Settings
 from tests.support import (
     MADE_REQUEST_ID,
@@ -131,6 +134,20 @@ def preflight(c: httpx.Client, origin: str) -> httpx.Response:
             "Access-Control-Request-Headers": "content-type,x-deadline-ms",
         },
     )
+
+
+def test_classify_skips_the_router_unless_cors_must_see_it(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """`EarlyShedding` calls the endpoint itself, except when the CORS middleware (inside
+    it) is on: then the request is routed, through CORS (the tests below)."""
+
+    def endpoint(settings: Settings) -> Any:
+        app = create_app(settings)
+        return next(m.kwargs["endpoint"] for m in app.user_middleware if m.cls is EarlyShedding)
+
+    assert endpoint(make_settings()) is v1.classify
+    assert endpoint(make_settings(cors_origins=(ORIGIN,))) is None
 
 
 def test_cors_is_off_by_default(live: ThreadServer) -> None:
