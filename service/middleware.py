@@ -143,7 +143,8 @@ class EarlyShedding:
 
     An overloaded server that reads and decodes every request before refusing most of them
     spends its time on refusals and answers nothing in time. (A `/v2` request may carry its
-    deadline in the body: it is judged once parsed.)
+    deadline in the body: it is judged once parsed.) An admitted `/v1/classify` request
+    then goes straight to `endpoint` when one is given (`_serve`).
     """
 
     def __init__(
