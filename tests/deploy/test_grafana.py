@@ -60,6 +60,7 @@ def test_panels_the_issue_asks_for() -> None:
     assert "fractal_queue_depth" in exprs(panel_named("queue depth"))
     admission = exprs(panel_named("concurrency limit"))
     assert "fractal_admission_limit" in admission and "fractal_admission_in_flight" in admission
+    assert "fractal_deadline_close_share" in exprs(panel_named("deadlines tight"))
 
 
 def test_panels_are_well_formed() -> None:
