@@ -301,12 +301,12 @@ class Engine:
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
             variants = model.variants.values()
-            if not self._judging_arrivals():  # nothing to judge: every variant competes
+            bounding = self._bounding_deeper()
+            if not bounding and not self.settings.two_views:  # nothing to judge
                 return [v.candidate for v in variants]
             n = int(request.images.shape[0])
-            # Column 1's run is predicted once, not once a variant; not at all while the
-            # deadlines leave room (the deeper columns are not judged then).
-            column_1_ms = model.fp32(1).predict_ms(n) if self._tight() else None
+            # Column 1's run is predicted once, not once a variant.
+            column_1_ms = model.fp32(1).predict_ms(n) if bounding else None
             return [v.candidate for v in variants if self._may_serve(v, n, column_1_ms, model)]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
@@ -322,6 +322,11 @@ class Engine:
         """Whether some variants compete only while the arrivals leave room for them."""
         return self.settings.two_views or not math.isinf(self.settings.deeper_max_arrivals)
 
+    def _bounding_deeper(self) -> bool:
+        """Whether deeper columns are judged by the arrivals now: a bound is set, and
+        deadlines are tight."""
+        return not math.isinf(self.settings.deeper_max_arrivals) and self._tight()
+
     def _may_serve(
         self, variant: VariantRuntime, n: int, column_1_ms: float | None, model: LoadedModel
     ) -> bool:
@@ -330,6 +335,8 @@ class Engine:
         (`deeper_max_arrivals`; not judged when None), a two-view variant (loaded with
         `FRACTAL_TWO_VIEWS` on) also for its time beyond its single view
         (`two_views_max_arrivals`)."""
+        if variant.views == 1 and (variant.column == 1 or column_1_ms is None):
+            return True  # nothing to judge: no lookups on the hot path
         gap_ms = self.arrivals.gap_ms
         single = model.find(variant.column, variant.precision)
         single_ms = single.predict_ms(n) if single is not None else None
@@ -485,7 +492,7 @@ class Engine:
         yield "prediction", answer
         reason = "deepest"
         deeper = columns
-        if urgent_first and request.deadline_ms is not None and self._tight():
+        if urgent_first and request.deadline_ms is not None and self._bounding_deeper():
             # A stream's deeper runs are extra work, all of each run: while deadlines are
             # tight, the arrivals must leave room for it as for a deeper single answer.
             n = int(request.images.shape[0])
