@@ -124,17 +124,27 @@ class ConcurrencyLimit:
 @dataclass
 class ArrivalGap:
     """The mean gap between requests reaching the engine, in ms (smoothed by
-    `smoothing`; infinite until two have arrived): how soon the next one is due."""
+    `smoothing`; infinite until two have arrived): how soon the next one is due.
+
+    A gap counts at most `clip` times the mean so far: with Poisson arrivals one gap in
+    55 is longer (the mean reads 1.8% short), but a pause before a burst (one gap of
+    seconds) would otherwise read as a quiet spell for the burst's first ~80 arrivals,
+    and deeper columns would crowd it; with the clip the mean still grows 15% an
+    arrival (at smoothing 0.05) when the traffic really thins out."""
 
     smoothing: float = 0.05
+    clip: float = 4.0
     gap_ms: float = math.inf
     last_s: float | None = None
 
     def observe(self, arrival_s: float) -> None:
         if self.last_s is not None:
             gap = max(arrival_s - self.last_s, 0.0) * 1000.0
-            first = math.isinf(self.gap_ms)
-            self.gap_ms = gap if first else self.gap_ms + self.smoothing * (gap - self.gap_ms)
+            if math.isinf(self.gap_ms):
+                self.gap_ms = gap
+            else:
+                gap = min(gap, self.clip * self.gap_ms)
+                self.gap_ms += self.smoothing * (gap - self.gap_ms)
         self.last_s = arrival_s if self.last_s is None else max(self.last_s, arrival_s)
 
 

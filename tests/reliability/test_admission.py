@@ -25,6 +25,19 @@ def test_arrival_gap_follows_the_mean_gap() -> None:
     assert a.gap_ms == pytest.approx(10.0) and a.last_s == 1.040
 
 
+def test_arrival_gap_clips_a_pause_before_a_burst() -> None:
+    a = ArrivalGap(smoothing=0.5)
+    a.observe(0.0)
+    a.observe(0.002)
+    a.observe(3.002)  # a pause of 3 s counts as 4 x 2 ms
+    assert a.gap_ms == pytest.approx(5.0)
+    for i in range(1, 4):
+        a.observe(3.002 + 0.002 * i)  # the burst: back to the mean within a few arrivals
+    assert a.gap_ms == pytest.approx(2.375)
+    a.observe(4.0)  # traffic thins out: the mean follows at up to 2.5x an arrival
+    assert a.gap_ms == pytest.approx(2.375 * 2.5)
+
+
 def test_headroom_counts_refusals_and_answers_close_to_their_deadlines() -> None:
     h = Headroom(margin_ms=3.0, smoothing=0.5)
     assert h.close_share == 1.0  # a new server is careful
