@@ -95,11 +95,11 @@ def decode_jpeg(
     if colorspace not in FAST_JPEG_COLORSPACES or w >= 2 * width or h >= 2 * height:
         return None
     check_pixels(w, h, max_pixels)  # only with a limit below twice the model's input
-    admit(w * h)
     try:
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:
-        return None  # a corrupt body: Pillow says why
+        return None  # a corrupt body: Pillow says why (and admits it, once)
+    admit(w * h)  # after the decode, so that a body Pillow takes over is not counted twice
     return rgb if (w, h) == (width, height) else to_input(Image.fromarray(rgb), height, width)
 
 
