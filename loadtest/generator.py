@@ -1,4 +1,5 @@
-"""The open-loop load generator: worker processes, each an asyncio + aiohttp loop.
+"""The open-loop load generator: worker processes, each an asyncio loop with a lean
+HTTP/1.1 client (`loadtest.http1`).
 
 The plan (arrival time, image and deadline of every request) is computed up front by
 `build_plan`, a pure seeded function. Each worker sleeps until an arrival is due and
@@ -15,8 +16,9 @@ arrival and sends it then: that measured lag is the harness's, not the server's.
 request sent before its scheduled time is timed from when it was sent (`origin_s`), so
 sending early never shortens a latency.
 
-aiohttp, not httpx: on the 2-CPU development machine an httpx client spent about 4.5 ms
-of CPU per request against a trivial endpoint and aiohttp 0.26 ms (measured side by side,
+Not httpx, nor aiohttp: on the 2-CPU development machine an httpx client spent about
+4.5 ms of CPU per request against a trivial endpoint and aiohttp 0.26 ms, and with real
+requests aiohttp 0.6-0.75 ms against the server's own 0.8 ms (measured side by side,
 docs/loadtest.md). A generator that shares the machine with the server must be cheap, or
 it measures itself.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import math
 import multiprocessing as mp
 import queue
@@ -33,10 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import numpy as np
 
 from loadtest.deadlines import Deadline, sample_deadlines
+from loadtest.http1 import Client, Response
 from loadtest.samples import Sample
 from loadtest.schedule import deal, poisson_arrivals, split_bound
 from service.protocol import (
@@ -185,7 +188,7 @@ def _finish(result: Result, answer: Answer, done_s: float) -> Result:
 
 
 async def _send(
-    session: aiohttp.ClientSession,
+    client: Client,
     target: Target,
     sample: Sample | None,
     result: Result,
@@ -200,11 +203,10 @@ async def _send(
     try:
         async with asyncio.timeout(target.timeout_s):
             if sample is None:
-                async with session.get(target.url.rstrip("/") + LIVE_PATH) as response:
-                    body = await response.read()
-                    result.status = response.status
+                response = await client.request("GET", LIVE_PATH)
+                result.status = response.status
                 ok = 200 <= result.status < 300
-                answer = Answer() if ok else Answer(error=error_text(result.status, body))
+                answer = Answer() if ok else Answer(error=error_text(result.status, response.body))
                 return _finish(result, answer, now())
             headers = classify_headers(
                 sample.content_type,
@@ -213,46 +215,61 @@ async def _send(
                 target.stream,
                 request_id=f"loadtest-{result.index}",
             )
-            url = target.url.rstrip("/") + CLASSIFY_PATH
-            async with session.post(url, data=sample.data, headers=headers) as response:
-                result.status = response.status
-                if not 200 <= response.status < 300:
-                    body = await response.read()
-                    return _finish(result, Answer(error=error_text(result.status, body)), now())
-                if not target.stream:
-                    answer = answer_from_json(await response.json(content_type=None))
-                    done_s = now()
-                    timing = server_timing(response.headers.get("Server-Timing"))
-                    result.queue_ms = timing.get("queue")
-                    result.inference_ms = timing.get("inference")
-                    return _finish(result, answer, done_s)
-                answer, parser = NO_DONE, SseParser()
-                async for raw in response.content:
-                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                    for event in parser.feed(line):
-                        if event.name == "prediction" and result.first_answer_ms is None:
-                            result.first_answer_ms = _ms(now() - result.origin_s)
-                        answer = after_event(answer, event)
-                for event in parser.feed(""):  # a last event without its blank line
-                    answer = after_event(answer, event)
-                return _finish(result, answer, now())
+            if target.stream:
+                return await _send_stream(client, headers, sample, result, now)
+            response = await client.request("POST", CLASSIFY_PATH, headers.items(), sample.data)
+            done_s = now()
+            result.status = response.status
+            if not 200 <= response.status < 300:
+                error = error_text(result.status, response.body)
+                return _finish(result, Answer(error=error), done_s)
+            answer = answer_from_json(json.loads(response.body))
+            timing = server_timing(response.headers.get("server-timing"))
+            result.queue_ms = timing.get("queue")
+            result.inference_ms = timing.get("inference")
+            return _finish(result, answer, done_s)
     except TimeoutError:
         return _finish(result, Answer(error="timeout"), now())
     except Exception as exc:  # every arrival must end as a result, whatever went wrong
         return _finish(result, Answer(error=f"{type(exc).__name__}: {exc}"[:160]), now())
 
 
-def _session(bound: int) -> aiohttp.ClientSession:
-    """One connection per request in flight, kept alive; no timeout of its own (each
-    request has `Target.timeout_s`), no cookie jar, and no automatic decompression of
-    what the server never compresses."""
-    connector = aiohttp.TCPConnector(limit=bound, limit_per_host=bound, ttl_dns_cache=None)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-    )
+async def _send_stream(
+    client: Client,
+    headers: dict[str, str],
+    sample: Sample,
+    result: Result,
+    now: Callable[[], float],
+) -> Result:
+    """A progressive request: its events parsed as their bytes arrive, so that the first
+    answer is timed when it is read."""
+    answer, parser, pending = NO_DONE, SseParser(), b""
+    error_body: list[bytes] = []
+
+    def feed(raw: bytes) -> None:
+        nonlocal answer
+        for event in parser.feed(raw.decode("utf-8", "replace").rstrip("\r")):
+            if event.name == "prediction" and result.first_answer_ms is None:
+                result.first_answer_ms = _ms(now() - result.origin_s)
+            answer = after_event(answer, event)
+
+    def on_body(response: Response, chunk: bytes) -> None:
+        nonlocal pending
+        if not 200 <= response.status < 300:
+            error_body.append(chunk)
+            return
+        *complete, pending = (pending + chunk).split(b"\n")
+        for raw in complete:
+            feed(raw)
+
+    response = await client.request("POST", CLASSIFY_PATH, headers.items(), sample.data, on_body)
+    result.status = response.status
+    if not 200 <= response.status < 300:
+        error = error_text(result.status, b"".join(error_body))
+        return _finish(result, Answer(error=error), now())
+    feed(pending)  # a last line without its ending
+    feed(b"")  # a last event without its blank line
+    return _finish(result, answer, now())
 
 
 async def run_share(
@@ -270,7 +287,7 @@ async def run_share(
     """
     results: list[Result] = []
     in_flight: set[asyncio.Task[Result]] = set()
-    session = _session(bound)
+    client = Client(target.url)
 
     def collect(task: asyncio.Task[Result]) -> None:
         in_flight.discard(task)
@@ -295,13 +312,13 @@ async def run_share(
                 result.dropped = True
                 results.append(result)
                 continue
-            task = asyncio.create_task(_send(session, target, sample, result, start_monotonic))
+            task = asyncio.create_task(_send(client, target, sample, result, start_monotonic))
             in_flight.add(task)
             task.add_done_callback(collect)
         while in_flight:
             await asyncio.wait(set(in_flight))
     finally:
-        await session.close()
+        await client.close()
     return results
 
 
