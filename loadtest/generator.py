@@ -18,7 +18,7 @@ sending early never shortens a latency.
 
 Not httpx, nor aiohttp: on the 2-CPU development machine an httpx client spent about
 4.5 ms of CPU per request against a trivial endpoint and aiohttp 0.26 ms, and with real
-requests aiohttp 0.6-0.75 ms against the server's own 0.8 ms (measured side by side,
+requests aiohttp 0.6-0.93 ms against the server's own 0.8 ms (measured side by side,
 docs/loadtest.md). A generator that shares the machine with the server must be cheap, or
 it measures itself.
 """
