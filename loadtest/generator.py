@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import math
 import multiprocessing as mp
 import queue
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from loadtest.deadlines import Deadline, sample_deadlines
 from loadtest.http1 import Client, Response
@@ -223,7 +223,7 @@ async def _send(
             if not 200 <= response.status < 300:
                 error = error_text(result.status, response.body)
                 return _finish(result, Answer(error=error), done_s)
-            answer = answer_from_json(json.loads(response.body))
+            answer = answer_from_json(orjson.loads(response.body))
             timing = server_timing(response.headers.get("server-timing"))
             result.queue_ms = timing.get("queue")
             result.inference_ms = timing.get("inference")
