@@ -175,6 +175,11 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def _since(t0: float, instant_s: float) -> float:
+    """A `time.monotonic()` instant in seconds from the schedule's start, to the microsecond."""
+    return round(instant_s - t0, 6)
+
+
 def _finish(result: Result, answer: Answer, done_s: float) -> Result:
     result.latency_ms = _ms(done_s - result.origin_s)
     result.column, result.predicted = answer.column, answer.class_name
@@ -197,7 +202,7 @@ async def _send(
     """Send one request and fill `result`; never raises."""
 
     def now() -> float:
-        return round(time.monotonic() - t0, 6)
+        return _since(t0, time.monotonic())
 
     result.send_s = now()
     try:
@@ -207,7 +212,7 @@ async def _send(
                 result.status = response.status
                 ok = 200 <= result.status < 300
                 answer = Answer() if ok else Answer(error=error_text(result.status, response.body))
-                return _finish(result, answer, now())
+                return _finish(result, answer, _since(t0, response.done_s))
             headers = classify_headers(
                 sample.content_type,
                 budget_at_send(result.deadline_ms, result.scheduled_s, result.send_s),
@@ -216,9 +221,9 @@ async def _send(
                 request_id=f"loadtest-{result.index}",
             )
             if target.stream:
-                return await _send_stream(client, headers, sample, result, now)
+                return await _send_stream(client, headers, sample, result, t0)
             response = await client.request("POST", CLASSIFY_PATH, headers.items(), sample.data)
-            done_s = now()
+            done_s = _since(t0, response.done_s)
             result.status = response.status
             if not 200 <= response.status < 300:
                 error = error_text(result.status, response.body)
@@ -239,10 +244,14 @@ async def _send_stream(
     headers: dict[str, str],
     sample: Sample,
     result: Result,
-    now: Callable[[], float],
+    t0: float,
 ) -> Result:
     """A progressive request: its events parsed as their bytes arrive, so that the first
     answer is timed when it is read."""
+
+    def now() -> float:
+        return _since(t0, time.monotonic())
+
     answer, parser, pending = NO_DONE, SseParser(), b""
     error_body: list[bytes] = []
 
@@ -269,7 +278,7 @@ async def _send_stream(
         return _finish(result, Answer(error=error), now())
     feed(pending)  # a last line without its ending
     feed(b"")  # a last event without its blank line
-    return _finish(result, answer, now())
+    return _finish(result, answer, _since(t0, response.done_s))
 
 
 async def run_share(

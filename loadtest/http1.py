@@ -13,6 +13,7 @@ compression: the generator talks to one plain-HTTP server.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ class Response:
     """Header names in lower case; a repeated header keeps its last value."""
     body: bytes = b""
     """Empty when the body went to `on_body` instead."""
+    done_s: float = 0.0
+    """`time.monotonic()` when the response's end was read: as the bytes arrive, not when
+    the awaiting task resumes (one turn of the event loop later, after whatever else that
+    turn runs: sends, other responses)."""
 
 
 BodyHandler = Callable[[Response, bytes], None]
@@ -89,6 +94,7 @@ class _Connection(asyncio.Protocol):
             self._chunks.append(body)
 
     def on_message_complete(self) -> None:
+        self._response.done_s = time.monotonic()
         self._response.body = b"".join(self._chunks)
         self.reusable = self.parser.should_keep_alive()
         if self._done is not None and not self._done.done():

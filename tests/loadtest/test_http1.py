@@ -102,6 +102,32 @@ def test_a_streamed_body_is_handed_over_as_it_arrives(url: str) -> None:
     assert total_s >= PAUSE_S
 
 
+def test_the_end_is_timed_when_read_not_when_the_task_resumes(url: str) -> None:
+    """`Response.done_s` is the instant the last byte was parsed: work the event loop runs
+    before the awaiting task resumes (here a 50 ms callback queued as the body arrived)
+    does not count in it."""
+    hog_s = 0.05
+
+    async def main() -> tuple[float, float, float, Response]:
+        client = Client(url)
+        loop = asyncio.get_running_loop()
+        read_at: list[float] = []
+
+        def on_body(so_far: Response, chunk: bytes) -> None:
+            read_at.append(time.monotonic())
+            loop.call_soon(time.sleep, hog_s)  # runs before the task is woken
+
+        response = await client.request("POST", "/echo", [], b"x", on_body)
+        resumed_s = time.monotonic()
+        await client.close()
+        return read_at[-1], response.done_s, resumed_s, response
+
+    read_s, done_s, resumed_s, response = asyncio.run(main())
+    assert response.status == 201
+    assert read_s <= done_s < read_s + hog_s / 2
+    assert resumed_s - done_s >= hog_s * 0.9
+
+
 def test_a_connection_left_mid_request_is_closed(url: str) -> None:
     async def main() -> tuple[int, Response]:
         client = Client(url)
