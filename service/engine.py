@@ -30,6 +30,7 @@ from service.scheduling import (
     choose_variant,
     next_stream_column,
     predict_completion_ms,
+    quickest_within,
     spare_for,
 )
 from service.settings import Settings
@@ -221,7 +222,9 @@ class Engine:
             self._count_shed()
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
-        remaining = self._remaining_until(deadline_s) - self.loop_lag.allowance_ms
+        remaining = (
+            self._remaining_until(deadline_s, self._refuse_margin_ms) - self.loop_lag.allowance_ms
+        )
         if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
             self._count_shed()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
@@ -295,8 +298,20 @@ class Engine:
         millisecond late)."""
         return self._remaining_ms(request) - self.loop_lag.lag_ms - TIMER_GRANULARITY_MS
 
-    def _remaining_until(self, deadline_s: float) -> float:
-        return (deadline_s - self.clock()) * 1000.0 - self.settings.deadline_margin_ms
+    def _remaining_until(self, deadline_s: float, margin_ms: float | None = None) -> float:
+        margin = self.settings.deadline_margin_ms if margin_ms is None else margin_ms
+        return (deadline_s - self.clock()) * 1000.0 - margin
+
+    @property
+    def _refuse_margin_ms(self) -> float:
+        """The margin a refusal is judged with: never more than the choice's."""
+        return min(self.settings.refuse_margin_ms, self.settings.deadline_margin_ms)
+
+    def _refuse_budget_ms(self, request: Request) -> float:
+        """The budget left when judging a refusal."""
+        if request.deadline_ms is None:
+            return math.inf
+        return self._remaining_until(request.deadline_s, self._refuse_margin_ms)
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
@@ -434,9 +449,11 @@ class Engine:
             candidates, remaining, completion, within, self.settings.accuracy_tie
         )
         late_ok = self.settings.best_effort
-        if choice is None:
-            if not late_ok:
+        if choice is None and not late_ok:
+            choice = quickest_within(candidates, self._refuse_budget_ms(request), completion)
+            if choice is None:
                 raise self._shed(request, "no column can answer within the deadline")
+        if choice is None:
             choice = min(candidates, key=Candidate.cheapness)
         variant = model.variants[choice.key]
         answer = await self._run(
@@ -480,9 +497,8 @@ class Engine:
         columns = [model.fp32(k).candidate for k in range(1, model.columns + 1)]
         first = columns[0]
         first_order = request.arrival_s if urgent_first else None
-        remaining = self._remaining_ms(request)
         completion = self._completion(request, model, first_order)
-        if completion(first) > remaining and not self.settings.best_effort:
+        if completion(first) > self._refuse_budget_ms(request) and not self.settings.best_effort:
             raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
         answer = await self._run(

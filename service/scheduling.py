@@ -102,6 +102,20 @@ def choose_variant(
     return most_accurate([c for _, c in fitting], accuracy_tie)
 
 
+def quickest_within(
+    candidates: Sequence[Candidate],
+    budget_ms: float,
+    completion_ms: Callable[[Candidate], float],
+) -> Candidate | None:
+    """The candidate predicted to finish first (ties: the cheaper) if it finishes within
+    `budget_ms`, else None: the last chance of a request that no choice fits."""
+    timed = [(completion_ms(c), c) for c in candidates]
+    if not timed:
+        return None
+    ms, quickest = min(timed, key=lambda t: (t[0], t[1].cheapness()))
+    return quickest if ms <= budget_ms else None
+
+
 def most_accurate(candidates: Sequence[Candidate], accuracy_tie: float = 0.0) -> Candidate:
     """The most accurate of `candidates`, accuracies within `accuracy_tie` of the best
     counting as equal (then `Candidate.tiebreak`, then accuracy)."""

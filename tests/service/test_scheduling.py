@@ -15,6 +15,7 @@ from service.scheduling import (
     pick_queue,
     plan_batch,
     predict_completion_ms,
+    quickest_within,
     run_on_loop,
     spare_for,
 )
@@ -48,6 +49,21 @@ def test_choose_the_most_accurate_that_fits() -> None:
     assert choose_variant(CANDIDATES, 149.9, alone).key == "column_3"  # type: ignore[union-attr]
     assert choose_variant(CANDIDATES, 19.99, alone).key == "column_1"  # type: ignore[union-attr]
     assert choose_variant(CANDIDATES, 4.99, alone) is None
+
+
+def test_the_last_chance_is_the_quickest_variant_within_the_looser_budget() -> None:
+    """When no choice fits the budget less the full margin, a request is refused only if
+    not even its quickest variant fits the budget less the (smaller) refusal margin."""
+    assert choose_variant(CANDIDATES, 4.0, alone) is None
+    assert quickest_within(CANDIDATES, 5.0, alone).key == "column_1"  # type: ignore[union-attr]
+    assert quickest_within(CANDIDATES, 4.99, alone) is None
+    assert quickest_within([], math.inf, alone) is None
+    # Equally quick: the cheaper (fp32 before int8), whatever the order given.
+    twins = [Candidate("column_1_int8", 1, "int8", 0.72), Candidate("column_1", 1, "fp32", 0.7)]
+    assert quickest_within(twins, 5.0, lambda c: 5.0).key == "column_1"  # type: ignore[union-attr]
+    # Queue-aware: the quickest to finish, not the cheapest to run.
+    ahead = {"column_1": 30.0, "column_2": 20.0, "column_3": 60.0, "column_4": 150.0}
+    assert quickest_within(CANDIDATES, 25.0, lambda c: ahead[c.key]).key == "column_2"  # type: ignore[union-attr]
 
 
 def test_a_thrifty_choice_takes_what_finishes_first() -> None:

@@ -114,6 +114,36 @@ def test_stream_stops_at_the_deadline(live: Any, image: bytes) -> None:
     assert events[-1][0] == "done" and events[-1][1]["reason"] == "deadline"
 
 
+def test_a_refusal_is_judged_with_the_refusal_margin(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """With 60 ms kept back for the choice, a 70 ms deadline leaves no variant room
+    (column 1: 20 ms); the request is refused only when the refusal margin leaves none
+    either. A refusal margin above the choice's counts as the choice's."""
+    deadline = {"X-Deadline-Ms": "70"}
+    with (
+        serve_in_thread(make_settings(deadline_margin_ms=60.0, refuse_margin_ms=0.0)) as server,
+        server.client() as c,
+    ):
+        r = classify(c, image, **deadline)
+        assert r.status_code == 200 and r.json()["column"] == 1, r.text
+        events = read_sse(server.url, image, deadline)
+        assert [d["column"] for k, d in events if k == "prediction"] == [1]
+    with (
+        serve_in_thread(make_settings(deadline_margin_ms=60.0, refuse_margin_ms=60.0)) as server,
+        server.client() as c,
+    ):
+        assert classify(c, image, **deadline).status_code == 503
+        assert classify(c, image, **deadline, Accept="text/event-stream").status_code == 503
+    with (
+        serve_in_thread(make_settings(deadline_margin_ms=0.0, refuse_margin_ms=60.0)) as server,
+        server.client() as c,
+    ):
+        assert classify(c, image, **{"X-Deadline-Ms": "30"}).json()["column"] == 1
+        events = read_sse(server.url, image, {"X-Deadline-Ms": "30"})
+        assert [d["column"] for k, d in events if k == "prediction"] == [1]
+
+
 def test_a_stream_does_not_go_deeper_while_the_event_loop_runs_late(
     make_settings: Callable[..., Settings], image: bytes
 ) -> None:
