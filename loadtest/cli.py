@@ -123,6 +123,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="offered rate of the --target saturation step (default %(default)s)",
     )
     p.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="seconds each --target step offers its load before the measured --duration, "
+        "recorded apart (runs/<step>-warmup.csv, the summary's `warmup`); 0: none "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--deadlines",
         default="5,10,20,40,80",
         help="deadline grid in ms for --sweep (default %(default)s)",
@@ -244,6 +252,7 @@ def target(args: argparse.Namespace, samples: list[Sample], models: dict[str, An
         args.workers,
         args.seed,
         out=args.out,
+        warmup_s=args.warmup,
     )
     report = run_target(run)
     print(format_target(report))

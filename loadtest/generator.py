@@ -32,7 +32,7 @@ import multiprocessing as mp
 import queue
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -152,6 +152,25 @@ def build_plan(
         for i, (t, s, d) in enumerate(zip(times, picks, deadlines, strict=True))
     )
     return Plan(arrivals, rate_rps, duration_s, seed, deadline.spec())
+
+
+def split_warmup(results: Sequence[Result], warmup_s: float) -> tuple[list[Result], list[Result]]:
+    """The results scheduled in a run's first `warmup_s`, and the rest re-timed from the
+    end of the warm-up (scheduled and send times less `warmup_s`, indices from 0): a run
+    measured from there, with the server already under the load."""
+    if warmup_s <= 0:
+        return [], list(results)
+    warm = [r for r in results if r.scheduled_s < warmup_s]
+    rest = [r for r in results if r.scheduled_s >= warmup_s]
+    return warm, [
+        replace(
+            r,
+            index=i,
+            scheduled_s=round(r.scheduled_s - warmup_s, 6),
+            send_s=None if r.send_s is None else r.send_s - warmup_s,
+        )
+        for i, r in enumerate(rest)
+    ]
 
 
 def _deadline(arrival: Arrival) -> float | None:

@@ -89,9 +89,12 @@ class StallProbe:
     def start_at(self, origin_s: float) -> None:
         self.origin_s = origin_s
 
-    def report(self, results: Sequence[Result]) -> dict[str, Any]:
-        origin = self.origin_s if self.origin_s is not None else 0.0
-        return stall_report(results, self.stalls, origin, self.steal_ms, self.threshold_ms)
+    def report(self, results: Sequence[Result], skip_s: float = 0.0) -> dict[str, Any]:
+        """The report for `results` timed from `skip_s` into the run (a warm-up left out:
+        the stalls before it too)."""
+        origin = (self.origin_s if self.origin_s is not None else 0.0) + skip_s
+        stalls = [s for s in self.stalls if s.end_s >= origin]
+        return stall_report(results, stalls, origin, self.steal_ms, self.threshold_ms)
 
     def __enter__(self) -> StallProbe:
         ctx = mp.get_context("spawn")
@@ -155,11 +158,17 @@ def stall_report(
 
 
 def run_probed(
-    target: Target, plan: Plan, samples: Sequence[Sample], concurrency: int, workers: int
+    target: Target,
+    plan: Plan,
+    samples: Sequence[Sample],
+    concurrency: int,
+    workers: int,
+    warmup_s: float = 0.0,
 ) -> tuple[list[Result], dict[str, Any]]:
-    """`run_load` with a `StallProbe` around it: the results and the stall report."""
-    from loadtest.generator import run_load
+    """`run_load` with a `StallProbe` around it: every result, and the stall report of
+    those after the first `warmup_s` (`split_warmup`)."""
+    from loadtest.generator import run_load, split_warmup
 
     with StallProbe() as probe:
         results = run_load(target, plan, samples, concurrency, workers, probe.start_at)
-    return results, probe.report(results)
+    return results, probe.report(split_warmup(results, warmup_s)[1], warmup_s)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.deadlines import Deadline, NoDeadline, Uniform
-from loadtest.generator import Target, build_plan
+from loadtest.generator import Target, build_plan, split_warmup
 from loadtest.report import summarize, write_csv
 from loadtest.samples import Sample
 from loadtest.stalls import run_probed
@@ -128,19 +128,38 @@ class TargetRun:
     seed: int
     spec: TargetSpec = TargetSpec()
     out: Path | None = None
-    """With a folder: every step's per-request rows as out/runs/<step>.csv."""
+    """With a folder: every step's per-request rows as out/runs/<step>.csv (and those of
+    its warm-up as out/runs/<step>-warmup.csv)."""
+    warmup_s: float = 0.0
+    """Each step first offers its load for this long, recorded apart: the step is measured
+    once the server is under the load, not from a cold start after the pause between steps."""
 
     def load(
         self, name: str, deadline: Deadline, rate_rps: float, **changes: Any
     ) -> dict[str, Any]:
-        plan = build_plan(rate_rps, self.duration_s, deadline, len(self.samples), self.seed)
+        plan = build_plan(
+            rate_rps, self.warmup_s + self.duration_s, deadline, len(self.samples), self.seed
+        )
         target = replace(self.target, **changes)
-        results, stalls = run_probed(target, plan, self.samples, self.concurrency, self.workers)
+        results, stalls = run_probed(
+            target, plan, self.samples, self.concurrency, self.workers, self.warmup_s
+        )
+        warm, measured = split_warmup(results, self.warmup_s)
         if self.out is not None:
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
-            write_csv(self.out / "runs" / f"{name}.csv", results)
+            write_csv(self.out / "runs" / f"{name}.csv", measured)
+            if warm:
+                write_csv(self.out / "runs" / f"{name}-warmup.csv", warm)
         time.sleep(SETTLE_S)
-        return summarize(results, rate_rps, self.duration_s, stalls)
+        summary = summarize(measured, rate_rps, self.duration_s, stalls)
+        if self.warmup_s > 0:
+            before = summarize(warm, rate_rps, self.warmup_s)
+            summary["warmup"] = {
+                "duration_s": self.warmup_s,
+                "scheduled": before["counts"]["scheduled"],
+                "deadline_hit_rate": before["deadline_hit_rate"],
+            }
+        return summary
 
 
 def run_target(run: TargetRun) -> dict[str, Any]:
@@ -184,7 +203,7 @@ def run_target(run: TargetRun) -> dict[str, Any]:
             "achieved_rps": saturated,
             "run": saturation,
         },
-        "load": {"rate_rps": rate, "deadline": deadline.spec()},
+        "load": {"rate_rps": rate, "deadline": deadline.spec(), "warmup_s": run.warmup_s},
         "runs": {
             "auto": auto,
             "stream": stream,
@@ -202,6 +221,7 @@ def format_target(report: Mapping[str, Any]) -> str:
         f"saturated throughput (column {report['saturation']['column']} forced): "
         f"{report['saturation']['achieved_rps']} answers/s",
         f"target load: {load['rate_rps']} req/s, deadlines {load['deadline']} ms",
+        *_warmup_lines(report),
         "",
         f"{'mode':10s} {'hit rate':>9s} {'accuracy':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
         f"{'shed':>7s} {'first p99':>10s} {'late srv/out':>13s} {'out p99':>8s} "
@@ -228,6 +248,18 @@ def format_target(report: Mapping[str, Any]) -> str:
             f"{'met' if v['met'] else 'NOT met'}"
         )
     return "\n".join(lines)
+
+
+def _warmup_lines(report: Mapping[str, Any]) -> list[str]:
+    warmup_s = report["load"].get("warmup_s") or 0.0
+    if warmup_s <= 0:
+        return []
+    rates = ", ".join(
+        f"{mode} {_num(s['warmup']['deadline_hit_rate'], 4)}"
+        for mode, s in report["runs"].items()
+        if "warmup" in s
+    )
+    return [f"each step measured after a {warmup_s:g} s warm-up at its load (hit rate: {rates})"]
 
 
 def _num(value: float | None, digits: int) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.generator import Result
+from loadtest.generator import Result, split_warmup
 from loadtest.report import (
     deadline_bins,
     format_table,
@@ -161,6 +161,21 @@ def test_server_time_split() -> None:
         "queue": {"p50": 9.0}, "inference": {"p50": 4.0}, "rest": {"p50": 5.0}
     }  # fmt: skip
     assert "late answers' p50" in format_table(s)
+
+
+def test_a_warm_up_is_split_off_and_the_rest_retimed() -> None:
+    """Scheduled before `warmup_s`: the warm-up, as it was. The rest: indices from 0 and
+    scheduled and send times from the warm-up's end; latencies unchanged."""
+    results = synthetic()  # scheduled at 0.0, 0.1, ... 0.9 s
+    warm, measured = split_warmup(results, 0.25)
+    assert [r.index for r in warm] == [0, 1, 2] and warm == results[:3]
+    assert [r.index for r in measured] == list(range(7))
+    assert [r.scheduled_s for r in measured] == pytest.approx([0.05 + 0.1 * i for i in range(7)])
+    assert measured[0].send_s == pytest.approx(results[3].send_s - 0.25)  # type: ignore[operator]
+    assert [r.latency_ms for r in measured] == [r.latency_ms for r in results[3:]]
+    assert summarize(measured, 10.0, 0.7)["counts"]["scheduled"] == 7
+    # No warm-up: everything is measured, as it was.
+    assert split_warmup(results, 0.0) == ([], results)
 
 
 def test_csv_round_trip(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from loadtest.cli import main
+from loadtest.report import read_csv
 from loadtest.samples import load_samples
 from loadtest.target import (
     TargetSpec,
@@ -71,7 +72,8 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with StubServer(column_ms=(2.0, 12.0), labels=labels) as stub:
         code = main(
             ["--url", stub.url, "--target", "--rate", "30", "--saturate-rate", "80",
-             "--duration", "0.6", "--workers", "1", "--no-plots", "--out", str(out)]
+             "--duration", "0.6", "--warmup", "0.3", "--workers", "1", "--no-plots",
+             "--out", str(out)]
         )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -92,5 +94,15 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
         assert run["stalls"]["misses"] == counts["scheduled"] - counts["deadline_met"]
     steps = {"calibrate-column1", "calibrate-column2", "saturate", "auto", "stream"}
-    assert {p.stem for p in (out / "runs").iterdir()} == steps | {"column1", "column2"}
+    steps |= {"column1", "column2"}
+    assert {p.stem for p in (out / "runs").iterdir()} == steps | {f"{s}-warmup" for s in steps}
+    # Each step: a warm-up recorded apart, then the measured part, timed from its start.
+    assert report["load"]["warmup_s"] == 0.3 and "after a 0.3 s warm-up" in printed
+    for run in report["runs"].values():
+        assert run["warmup"]["duration_s"] == 0.3 and run["warmup"]["scheduled"] > 0
+    rows = read_csv(out / "runs" / "auto.csv")
+    assert [r.index for r in rows] == list(range(len(rows)))
+    assert rows and all(0.0 <= r.scheduled_s < 0.6 for r in rows)
+    warm = read_csv(out / "runs" / "auto-warmup.csv")
+    assert warm and all(r.scheduled_s < 0.3 for r in warm)
     assert set(report["verdict"]) == {"hit_rate", "accuracy", "stream_first_answer_p99_ms"}
