@@ -158,17 +158,11 @@ def stall_report(
 
 
 def run_probed(
-    target: Target,
-    plan: Plan,
-    samples: Sequence[Sample],
-    concurrency: int,
-    workers: int,
-    warmup_s: float = 0.0,
+    target: Target, plan: Plan, samples: Sequence[Sample], concurrency: int, workers: int
 ) -> tuple[list[Result], dict[str, Any]]:
-    """`run_load` with a `StallProbe` around it: every result, and the stall report of
-    those after the first `warmup_s` (`split_warmup`)."""
-    from loadtest.generator import run_load, split_warmup
+    """`run_load` with a `StallProbe` around it: the results and the stall report."""
+    from loadtest.generator import run_load
 
     with StallProbe() as probe:
         results = run_load(target, plan, samples, concurrency, workers, probe.start_at)
-    return results, probe.report(split_warmup(results, warmup_s)[1], warmup_s)
+    return results, probe.report(results)

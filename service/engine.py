@@ -287,10 +287,11 @@ class Engine:
             or self._backlog_ms(model) > self.settings.stream_refine_backlog_ms
         )
 
-    def _remaining_ms(self, request: Request) -> float:
+    def _remaining_ms(self, request: Request, margin_ms: float | None = None) -> float:
+        """The budget left, less `margin_ms` (by default the choice's margin)."""
         if request.deadline_ms is None:
             return math.inf
-        return self._remaining_until(request.deadline_s)
+        return self._remaining_until(request.deadline_s, margin_ms)
 
     def _send_by_ms(self, request: Request) -> float:
         """How long an answer may still take and leave in time: the budget left, less the
@@ -306,12 +307,6 @@ class Engine:
     def _refuse_margin_ms(self) -> float:
         """The margin a refusal is judged with: never more than the choice's."""
         return min(self.settings.refuse_margin_ms, self.settings.deadline_margin_ms)
-
-    def _refuse_budget_ms(self, request: Request) -> float:
-        """The budget left when judging a refusal."""
-        if request.deadline_ms is None:
-            return math.inf
-        return self._remaining_until(request.deadline_s, self._refuse_margin_ms)
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
@@ -449,12 +444,14 @@ class Engine:
             candidates, remaining, completion, within, self.settings.accuracy_tie
         )
         late_ok = self.settings.best_effort
-        if choice is None and not late_ok:
-            choice = quickest_within(candidates, self._refuse_budget_ms(request), completion)
+        if choice is None and late_ok:
+            choice = min(candidates, key=Candidate.cheapness)
+        elif choice is None:
+            # A refusal is a sure miss: judged with the smaller margin.
+            budget = self._remaining_ms(request, self._refuse_margin_ms)
+            choice = quickest_within(candidates, budget, completion)
             if choice is None:
                 raise self._shed(request, "no column can answer within the deadline")
-        if choice is None:
-            choice = min(candidates, key=Candidate.cheapness)
         variant = model.variants[choice.key]
         answer = await self._run(
             request, variant, late_ok or request.deadline_ms is None, first=True
@@ -498,7 +495,10 @@ class Engine:
         first = columns[0]
         first_order = request.arrival_s if urgent_first else None
         completion = self._completion(request, model, first_order)
-        if completion(first) > self._refuse_budget_ms(request) and not self.settings.best_effort:
+        if (
+            completion(first) > self._remaining_ms(request, self._refuse_margin_ms)
+            and not self.settings.best_effort
+        ):
             raise self._shed(request, "column 1 cannot answer within the deadline")
         late_ok = self.settings.best_effort or request.deadline_ms is None
         answer = await self._run(
