@@ -34,7 +34,7 @@ class Runnable(Protocol):
 
     def run(self, images: np.ndarray) -> np.ndarray: ...
 
-    def predict_ms(self, n: int) -> float: ...
+    def predict_ms(self, n: int, idle_ms: float = 0.0) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Batcher:
         max_wait_ms: float,
         workers: int = 1,
         on_queue_change: Callable[[Runnable, int], None] | None = None,
-        on_batch: Callable[[Runnable, int, float], None] | None = None,
+        on_batch: Callable[[Runnable, int, float, float], None] | None = None,
         inline_max_ms: float = 0.0,
         on_inline_run: Callable[[float], None] | None = None,
         load: Callable[[], tuple[int, float]] = lambda: (1, 0.0),
@@ -107,8 +107,13 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running_until: dict[int, float] = {}
+        self._ended_s: dict[int, float] = {}
+        """When each thread's last run ended (from its start): the idle time before a run."""
+        self._last_end_s = clock()
+        """When the last run on any thread (or on the loop) ended."""
         self._on_queue_change = on_queue_change or (lambda v, n: None)
-        self._on_batch = on_batch or (lambda v, n, ms: None)
+        self._on_batch = on_batch or (lambda v, n, ms, idle_ms: None)
+        """Told of every run: its variant, images, ms and the ms its thread sat idle before."""
         self.inline_max_ms = inline_max_ms
         self._on_inline_run = on_inline_run or (lambda ms: None)
         self._load = load
@@ -158,10 +163,23 @@ class Batcher:
     def idle(self) -> bool:
         return self.queued_images == 0 and self.running_batches == 0
 
+    def idle_ms(self) -> float:
+        """How long the next run would follow the last one: 0 while work is queued or
+        every thread is busy (it runs back to back), else the ms since the latest end of a
+        run on a free thread (the least idle: the prediction errs fast, not slow)."""
+        if self.queued_images:
+            return 0.0
+        with self._lock:
+            free = [end for i, end in self._ended_s.items() if i not in self._running_until]
+        if not free:
+            return 0.0
+        return max(self.clock() - max(free), 0.0) * 1000.0
+
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        self._ended_s = {i: self.clock() for i in range(self.workers)}
         self._threads = [
             threading.Thread(target=self._worker, args=(i,), name=f"inference-{i}", daemon=True)
             for i in range(self.workers)
@@ -191,7 +209,8 @@ class Batcher:
         n = job.size
         if self.max_wait_ms > 0 or not self.idle() or n > self.max_batch:
             return False
-        predicted_ms = job.variant.predict_ms(n)
+        idle_ms = max(self.clock() - self._last_end_s, 0.0) * 1000.0
+        predicted_ms = job.variant.predict_ms(n, idle_ms)
         if not run_on_loop(n, predicted_ms, 0, 0, self.inline_max_ms, *self._load()):
             return False
         start = self.clock()
@@ -201,9 +220,10 @@ class Batcher:
             log.exception("inference failed for %s (batch %d)", job.variant.key, n)
             job.future.set_exception(exc)
             return True
-        ms = (self.clock() - start) * 1000.0
+        self._last_end_s = self.clock()
+        ms = (self._last_end_s - start) * 1000.0
         self._on_inline_run(ms)
-        self._complete([job], probs, start, ms, None)
+        self._complete([job], probs, start, ms, None, idle_ms)
         return True
 
     # -- the inference threads ----------------------------------------------------------
@@ -225,6 +245,7 @@ class Batcher:
                 else np.concatenate([job.images for job in batch])
             )
             began = self.clock()
+            idle_ms = max(began - self._ended_s.get(index, began), 0.0) * 1000.0
             if woke:
                 newest = max(job.enqueued_s for job in batch)
                 self._on_handoff("to_thread", max(began - newest, 0.0) * 1000.0)
@@ -236,7 +257,9 @@ class Batcher:
             ended = self.clock()
             with self._lock:
                 self._running_until.pop(index, None)
-            self._post(self._complete, batch, outcome, began, (ended - began) * 1000.0, ended)
+                self._ended_s[index] = self._last_end_s = ended
+            ms = (ended - began) * 1000.0
+            self._post(self._complete, batch, outcome, began, ms, ended, idle_ms)
 
     def _take(self, index: int) -> tuple[list[Job], bool] | None:
         """The next batch for thread `index`, and whether the thread slept idle first;
@@ -272,7 +295,9 @@ class Batcher:
                     size = sum(job.size for job in taken)
                     self._images[variant] -= size
                     changes.append((variant, self._images[variant]))
-                    self._running_until[index] = now + variant.predict_ms(size) / 1000.0
+                    idle_ms = max(now - self._ended_s.get(index, now), 0.0) * 1000.0
+                    predicted_ms = variant.predict_ms(size, idle_ms)
+                    self._running_until[index] = now + predicted_ms / 1000.0
                     self.running_batches += 1
                     return taken, woke
                 return None
@@ -317,9 +342,11 @@ class Batcher:
         start: float,
         ms: float,
         ended: float | None,
+        idle_ms: float,
     ) -> None:
         """Account for a finished run and hand every job its slice of the result, or the
-        exception. `ended`: when a thread's run ended (None for a run on the loop)."""
+        exception. `ended`: when a thread's run ended (None for a run on the loop);
+        `idle_ms`: how long its thread sat idle before it."""
         if ended is not None:
             with self._lock:  # the threads count up under it
                 self.running_batches -= 1
@@ -328,7 +355,7 @@ class Batcher:
             _fail(batch, outcome)
             return
         variant, n = batch[0].variant, int(outcome.shape[0])
-        self._on_batch(variant, n, ms)
+        self._on_batch(variant, n, ms, idle_ms)
         offset = 0
         for job in batch:
             part = outcome[offset : offset + job.size]

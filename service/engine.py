@@ -242,7 +242,8 @@ class Engine:
     ) -> Callable[[Candidate], float]:
         ahead = self.batcher.ahead_of(order_s)
         running = self.batcher.running_remaining_ms()
-        cost = _cost_of(model)
+        # With nothing ahead and a free thread, the run starts now, after the thread's idle.
+        cost = _cost_of(model, 0.0 if ahead or running else self.batcher.idle_ms())
 
         def completion(c: Candidate) -> float:
             return predict_completion_ms(
@@ -586,12 +587,12 @@ class Engine:
         assert isinstance(variant, VariantRuntime)
         self.metrics.child(self.metrics.queue_depth, *variant.labels).set(images)
 
-    def _batch_done(self, variant: Runnable, n: int, ms: float) -> None:
+    def _batch_done(self, variant: Runnable, n: int, ms: float, idle_ms: float) -> None:
         """A finished run teaches its variant's latency model, and is counted."""
         assert isinstance(variant, VariantRuntime)
         if self.warming:
             return
-        variant.observe(n, ms)
+        variant.observe(n, ms, idle_ms)
         labels = variant.labels
         self.metrics.child(self.metrics.batch_size, *labels).observe(n)
         self.metrics.child(self.metrics.inference_duration, *labels, str(n)).observe(ms / 1000.0)
@@ -602,12 +603,12 @@ class Engine:
             self.metrics.child(self.metrics.inference_handoff, direction).observe(ms / 1e3)
 
 
-def _cost_of(model: LoadedModel) -> Callable[[str, int], float]:
-    """Predicted ms of a run of `size` images of the variant `key` (0 for a variant the
-    model no longer has: work queued before a reload)."""
+def _cost_of(model: LoadedModel, idle_ms: float = 0.0) -> Callable[[str, int], float]:
+    """Predicted ms of a run of `size` images of the variant `key` after `idle_ms` of
+    idle time (0 for a variant the model no longer has: work queued before a reload)."""
 
     def cost(key: str, size: int) -> float:
         variant = model.variants.get(key)
-        return variant.predict_ms(size) if variant is not None else 0.0
+        return variant.predict_ms(size, idle_ms) if variant is not None else 0.0
 
     return cost

@@ -5,31 +5,75 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+IDLE_EDGES_MS = (1.0, 10.0, 100.0)
+"""The idle spans before a run that are learned apart, by default: a run that follows
+another within 1 ms, after 1-10 ms, after 10-100 ms, and after longer. On a small CPU host
+a run after 10 ms of idle took 2-5 times as long as one back to back (docs/serving.md)."""
+
+
+@dataclass
+class Correction:
+    """What runs after one span of idle time taught: an EWMA of observed / profile and
+    one of its positive deviation."""
+
+    ratio: float = 1.0
+    spread: float = 0.0
+    observations: int = 0
+
+    def learn(self, ratio: float, alpha: float) -> None:
+        self.observations += 1
+        self.ratio += alpha * (ratio - self.ratio)
+        self.spread += alpha * (max(ratio - self.ratio, 0.0) - self.spread)
+
+    def factor(self, tail_weight: float) -> float:
+        return self.ratio + tail_weight * self.spread
+
 
 @dataclass
 class LatencyModel:
-    """Predicts the milliseconds of one run of `n` images.
+    """Predicts the milliseconds of one run of `n` images after `idle_ms` of idle time.
 
     The base is the measured profile, linear between profiled batch sizes (and beyond the
     largest, along the last segment). Observed runs move a multiplicative correction
     (EWMA of observed / base) and a spread (EWMA of the positive deviation), and the
     prediction is base x (correction + `tail_weight` x spread): deliberately above the
     median, since a deadline is missed by the slow runs, not the typical one.
+
+    Runs are learned apart by the idle time before them (`idle_edges_ms`): the profile is
+    measured back to back, and a run on a thread (and CPUs) that sat idle is slower. The
+    back-to-back correction starts from the profile and learns at `alpha`; a longer span
+    is predicted as the span before it until it has runs of its own, then averages its
+    first 1/alpha runs plainly, so it is right after a few. A span is never predicted
+    faster than a shorter one.
     """
 
     profile_ms: dict[int, float]
     alpha: float = 0.05
     tail_weight: float = 2.0
     learning: bool = True
-    correction: float = 1.0
-    spread: float = 0.0
-    observations: int = 0
+    idle_edges_ms: tuple[float, ...] = IDLE_EDGES_MS
+    corrections: list[Correction] = field(init=False)
     _sizes: list[int] = field(init=False, repr=False)
+    _factors: list[float] = field(init=False, repr=False)
+    """The prediction's factor by idle span: the running maximum of the learned ones."""
 
     def __post_init__(self) -> None:
         if not self.profile_ms:
             raise ValueError("a latency profile needs at least one batch size")
+        if list(self.idle_edges_ms) != sorted(set(self.idle_edges_ms)):
+            raise ValueError("idle edges must be increasing")
         self._sizes = sorted(self.profile_ms)
+        self.corrections = [Correction() for _ in range(len(self.idle_edges_ms) + 1)]
+        self._factors = [1.0] * len(self.corrections)
+
+    @property
+    def correction(self) -> float:
+        """The back-to-back runs' correction."""
+        return self.corrections[0].ratio
+
+    @property
+    def observations(self) -> int:
+        return sum(c.observations for c in self.corrections)
 
     def base_ms(self, n: int) -> float:
         sizes, prof = self._sizes, self.profile_ms
@@ -46,16 +90,39 @@ class LatencyModel:
         slope = (prof[hi] - prof[lo]) / (hi - lo)
         return max(prof[lo] + slope * (n - lo), 0.01)
 
-    def predict_ms(self, n: int) -> float:
-        return self.base_ms(n) * (self.correction + self.tail_weight * self.spread)
+    def span(self, idle_ms: float) -> int:
+        """The index of the idle span `idle_ms` falls in."""
+        edges = self.idle_edges_ms
+        if not edges or idle_ms < edges[0]:
+            return 0
+        return bisect.bisect_right(edges, idle_ms)
 
-    def observe(self, n: int, ms: float) -> None:
+    def predict_ms(self, n: int, idle_ms: float = 0.0) -> float:
+        return self.base_ms(n) * self._factors[self.span(idle_ms)]
+
+    def observe(self, n: int, ms: float, idle_ms: float = 0.0) -> None:
         if not self.learning or n < 1:
             return
         ratio = min(max(ms / self.base_ms(n), 0.2), 5.0)
-        self.observations += 1
-        self.correction += self.alpha * (ratio - self.correction)
-        self.spread += self.alpha * (max(ratio - self.correction, 0.0) - self.spread)
+        index = self.span(idle_ms)
+        learned = self.corrections[index]
+        alpha = self.alpha if index == 0 else max(self.alpha, 1.0 / (learned.observations + 1))
+        learned.learn(ratio, alpha)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        factor, previous = 0.0, self.corrections[0]
+        for i, c in enumerate(self.corrections):
+            if c.observations or i == 0:
+                previous = c
+            factor = max(factor, previous.factor(self.tail_weight))
+            self._factors[i] = factor
 
     def snapshot(self, sizes: tuple[int, ...] = (1, 8, 32)) -> dict[int, float]:
         return {n: round(self.predict_ms(n), 4) for n in sizes}
+
+    def idle_snapshot(self, n: int = 1) -> dict[str, float]:
+        """The predicted ms of a run of `n` after each learned idle span, by its lower
+        edge ("0" is back to back)."""
+        lows = (0.0, *self.idle_edges_ms)
+        return {f"{low:g}": round(self.predict_ms(n, low), 4) for low in lows}

@@ -65,11 +65,11 @@ class VariantRuntime:
     def run(self, images: np.ndarray) -> np.ndarray:
         return run_probabilities(self.session, images)
 
-    def predict_ms(self, n: int) -> float:
-        return self.latency.predict_ms(n)
+    def predict_ms(self, n: int, idle_ms: float = 0.0) -> float:
+        return self.latency.predict_ms(n, idle_ms)
 
-    def observe(self, n: int, ms: float) -> None:
-        self.latency.observe(n, ms)
+    def observe(self, n: int, ms: float, idle_ms: float = 0.0) -> None:
+        self.latency.observe(n, ms, idle_ms)
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,7 +145,11 @@ def load_model(path: Path, settings: Settings) -> LoadedModel:
         variants[spec.key] = VariantRuntime(
             spec,
             session,
-            LatencyModel(profile, learning=settings.latency_learning),
+            LatencyModel(
+                profile,
+                learning=settings.latency_learning,
+                idle_edges_ms=settings.latency_idle_edges_ms,
+            ),
             manifest.classes,
         )
         log.info("loaded %s: %s ms by batch size", spec.key, profile)

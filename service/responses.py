@@ -96,6 +96,7 @@ def model_card(model: LoadedModel, queue_depth: dict[str, int], ready: bool) -> 
                 "macs": v.spec.macs,
                 "accuracy": v.spec.accuracy,
                 "latency_ms": {str(k): ms for k, ms in v.latency.snapshot().items()},
+                "latency_after_idle_ms": v.latency.idle_snapshot(),
                 "manifest_latency_ms": (
                     {str(k): ms for k, ms in v.spec.latency.ms_by_batch.items()}
                     if v.spec.latency

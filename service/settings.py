@@ -6,8 +6,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.latency import IDLE_EDGES_MS
 
 
 class Settings(BaseSettings):
@@ -133,6 +135,16 @@ class Settings(BaseSettings):
     """JSON {variant_key: {batch_size: ms}} to use instead of measuring (deterministic tests)."""
     latency_learning: bool = True
     """Update latency estimates from observed runs (off: keep the profile as is)."""
+    latency_idle_edges_ms: tuple[float, ...] = IDLE_EDGES_MS
+    """Idle spans before a run (ms) whose runs the latency model learns apart (a run after
+    idle is slower); empty: one correction for every run."""
+
+    @field_validator("latency_idle_edges_ms")
+    @classmethod
+    def _increasing(cls, edges: tuple[float, ...]) -> tuple[float, ...]:
+        if any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+            raise ValueError("idle edges must be positive and increasing")
+        return edges
 
     admin_token: SecretStr | None = None
     """Bearer token for POST /admin/reload; unset: the admin endpoint is off."""

@@ -43,7 +43,7 @@ class FakeVariant:
         # "Probabilities" that identify each image: its first pixel, twice.
         return np.repeat(images[:, :1, 0, 0].astype(np.float32), 2, axis=1)
 
-    def predict_ms(self, n: int) -> float:
+    def predict_ms(self, n: int, idle_ms: float = 0.0) -> float:
         return self.cost_ms * n
 
 
@@ -294,3 +294,24 @@ async def test_many_jobs_submitted_while_the_thread_runs_all_come_back() -> None
     assert [int(r.probabilities[0, 0]) for r in results] == [i % 250 for i in range(400)]
     assert sum(n for v in variants for _, n in v.runs) == 400
     assert b.idle() and b.queued_images == 0
+
+
+async def test_each_run_reports_how_long_its_thread_sat_idle() -> None:
+    """The latency model learns runs after idle apart: the batcher tells how long the
+    thread sat idle before each run, and how long a run now would follow the last one."""
+    clock = FakeClock()
+    told: list[float] = []
+    b = Batcher(clock, 1, 0, on_batch=lambda variant, n, ms, idle_ms: told.append(idle_ms))
+    v = FakeVariant("a")
+    b.start()
+    clock.now = 0.05
+    assert b.idle_ms() == pytest.approx(50.0)  # since the thread started
+    await asyncio.gather(*(b.submit(job(v, i, 9.0, clock)) for i in range(3)))
+    assert told == [pytest.approx(50.0), 0.0, 0.0]  # the clock stood still while they ran
+    clock.now = 0.25
+    assert b.idle_ms() == pytest.approx(200.0)
+    late = b.submit(job(v, 1, 9.0, clock))
+    assert b.idle_ms() == 0.0  # work is queued (or running): the next run follows it
+    await late
+    assert told[-1] == pytest.approx(200.0)
+    await b.stop()

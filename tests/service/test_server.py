@@ -144,6 +144,34 @@ def test_a_refusal_is_judged_with_the_refusal_margin(
         assert [d["column"] for k, d in events if k == "prediction"] == [1]
 
 
+def test_after_idle_the_choice_budgets_the_slower_run_it_learned(
+    make_settings: Callable[..., Settings], image: bytes
+) -> None:
+    """Column 2 has run at three times its profile (100 ms; int8 110) after a second or
+    more of idle: a 200 ms deadline after such a pause gets column 1, and right after a
+    run column 2."""
+    deadline = {"X-Deadline-Ms": "200"}
+    with (
+        serve_in_thread(make_settings(latency_idle_edges_ms=(1000.0,))) as server,
+        server.client() as c,
+    ):
+        model = server.engine.model
+        assert model is not None
+        for key, profile_ms in (("column_2", 100.0), ("column_2_int8", 110.0)):
+            latency = model.variants[key].latency
+            latency.learning = True
+            for _ in range(5):
+                latency.observe(1, 3 * profile_ms, idle_ms=2000.0)
+            latency.learning = False
+        time.sleep(1.1)
+        assert classify(c, image, **deadline).json()["column"] == 1
+        assert classify(c, image, **deadline).json()["column"] == 2
+        models = c.get("/v1/models/tiny").json()
+        shown = {v["key"]: v["latency_after_idle_ms"] for v in models["variants"]}
+        assert shown["column_2"] == {"0": 100.0, "1000": 300.0}
+        assert shown["column_1"] == {"0": 20.0, "1000": 20.0}
+
+
 def test_a_stream_does_not_go_deeper_while_the_event_loop_runs_late(
     make_settings: Callable[..., Settings], image: bytes
 ) -> None:
