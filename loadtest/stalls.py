@@ -34,6 +34,8 @@ DEFAULT_THRESHOLD_MS = 20.0
 READY_TIMEOUT_S = 30.0
 AFTERMATH_S = 0.1
 """After a stall, how long its backlog is taken to delay later requests."""
+STEAL_EVERY_S = 0.1
+"""How often the probe reads the stolen CPU time (so that a report can start late)."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,22 @@ class Stall:
 
 def _watch(threshold_ms: float, ready: Any, stop: Any, out: Any) -> None:
     stalls: list[tuple[float, float]] = []
+    steal: list[tuple[float, float]] = []
     ready.set()
-    before = time.monotonic()
+    before = next_steal = time.monotonic()
     while not stop.is_set():
         time.sleep(SLEEP_S)
         now = time.monotonic()
         late_ms = (now - before - SLEEP_S) * 1000.0
         if late_ms >= threshold_ms:
             stalls.append((now, late_ms))
+        if now >= next_steal:
+            stolen = stolen_ms()
+            if stolen is not None:
+                steal.append((now, stolen))
+            next_steal = now + STEAL_EVERY_S
         before = now
-    out.send(stalls)
+    out.send((stalls, steal))
 
 
 def stolen_ms() -> float | None:
@@ -72,6 +80,13 @@ def stolen_ms() -> float | None:
         return None
 
 
+def steal_since(readings: Sequence[tuple[float, float]], origin_s: float) -> float | None:
+    """The stolen ms from the first reading at or after `origin_s` to the last one
+    (readings: (time.monotonic(), `stolen_ms()`) in time order); None with fewer than two."""
+    after = [ms for at_s, ms in readings if at_s >= origin_s]
+    return round(after[-1] - after[0], 1) if len(after) >= 2 else None
+
+
 @dataclass
 class StallProbe:
     """`with StallProbe() as probe:` around a run; then `probe.stalls`, `probe.steal_ms`.
@@ -80,11 +95,17 @@ class StallProbe:
     threshold_ms: float = DEFAULT_THRESHOLD_MS
     origin_s: float | None = None
     stalls: list[Stall] = field(default_factory=list)
-    steal_ms: float | None = None
+    steal_readings: list[tuple[float, float]] = field(default_factory=list)
+    """(time.monotonic(), stolen ms since boot): at the start, every `STEAL_EVERY_S`, at
+    the end."""
     _proc: Any = None
     _stop: Any = None
     _conn: Any = None
-    _steal_before: float | None = None
+
+    @property
+    def steal_ms(self) -> float | None:
+        """CPU time stolen by the hypervisor during the whole run (None: not reported)."""
+        return steal_since(self.steal_readings, 0.0)
 
     def start_at(self, origin_s: float) -> None:
         self.origin_s = origin_s
@@ -94,7 +115,8 @@ class StallProbe:
         the stalls before it too)."""
         origin = (self.origin_s if self.origin_s is not None else 0.0) + skip_s
         stalls = [s for s in self.stalls if s.end_s >= origin]
-        return stall_report(results, stalls, origin, self.steal_ms, self.threshold_ms)
+        steal = steal_since(self.steal_readings, origin)
+        return stall_report(results, stalls, origin, steal, self.threshold_ms)
 
     def __enter__(self) -> StallProbe:
         ctx = mp.get_context("spawn")
@@ -105,8 +127,13 @@ class StallProbe:
         )
         self._proc.start()
         ready.wait(READY_TIMEOUT_S)
-        self._steal_before = stolen_ms()
+        self._read_steal()
         return self
+
+    def _read_steal(self) -> None:
+        stolen = stolen_ms()
+        if stolen is not None:
+            self.steal_readings.append((time.monotonic(), stolen))
 
     def __exit__(
         self,
@@ -114,12 +141,12 @@ class StallProbe:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        after = stolen_ms()
-        if after is not None and self._steal_before is not None:
-            self.steal_ms = round(after - self._steal_before, 1)
         self._stop.set()
         if self._conn.poll(10.0):
-            self.stalls = [Stall(end, ms) for end, ms in self._conn.recv()]
+            stalls, readings = self._conn.recv()
+            self.stalls = [Stall(at_s, ms) for at_s, ms in stalls]
+            self.steal_readings = sorted(self.steal_readings + readings)
+        self._read_steal()  # the probe has stopped reading: this one is the last
         self._proc.join(timeout=5)
         if self._proc.is_alive():
             self._proc.terminate()

@@ -2,9 +2,11 @@
 
 1. **Calibrate**: each column forced (`X-Column`), no deadline, at the low `--rate`:
    its p99 latency as this harness sees it (client included).
-2. **Saturate**: the deepest column forced, no deadline, offered `--saturate-rate`
-   (far above what the server can do): the answers per second it sustains are the
-   saturated throughput, the rate at which every request could still get the best answer.
+2. **Saturate**: the deepest column forced, no deadline, offered `--saturate-rate`: the
+   answers per second it sustains are the saturated throughput, the rate at which every
+   request could still get the best answer. Where the server kept up with the offer
+   (`saturated`, pure), the offer was not enough: it is raised by half and the step run
+   again, up to `MAX_RAISES` times.
 3. **Target load**: `load_share` (70 %) of that, with deadlines uniform between
    `low_factor` (1.5) x column 1's p99 and `high_factor` (2) x the deepest column's p99.
    At that load the same plan (same arrivals, images, deadlines) runs with the server
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,12 @@ log = logging.getLogger(__name__)
 RECOVER_S = 3.0
 """Pause after the saturation step: the server works off its backlog, and its admission
 control, cut back under overload, grows again before the measured runs."""
+SATURATED_BELOW = 0.95
+"""A saturation step saturated the server when it answered less than this share of the
+rate it was offered."""
+RAISE_FACTOR = 1.5
+MAX_RAISES = 3
+"""How many times an offer the server kept up with is raised (by `RAISE_FACTOR`)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,35 @@ def target_deadlines(p99_ms: Mapping[int, float], spec: TargetSpec) -> tuple[flo
 
 def target_rate(saturated_rps: float, spec: TargetSpec) -> float:
     return round(spec.load_share * saturated_rps, 1)
+
+
+def saturated(offered_rps: float, achieved_rps: float) -> bool:
+    """Whether a step offered `offered_rps` found the server's limit: it answered less
+    than `SATURATED_BELOW` of the offer (else the offer, not the server, set the rate)."""
+    return achieved_rps < SATURATED_BELOW * offered_rps
+
+
+def find_saturation(
+    step: Callable[[str, float], dict[str, Any]],
+    offered_rps: float,
+    pause: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Run the saturation `step` (name, offered rate) -> summary, raising the offer by
+    `RAISE_FACTOR` while the server keeps up with it, at most `MAX_RAISES` times, with a
+    `pause` after each step. Returns the last step's summary and every (offered, achieved)."""
+    attempts: list[dict[str, float]] = []
+    for raises in range(MAX_RAISES + 1):
+        summary = step("saturate" if raises == 0 else f"saturate-{raises + 1}", offered_rps)
+        achieved = summary["achieved_rate_rps"]
+        attempts.append({"offered_rps": offered_rps, "achieved_rps": achieved})
+        pause()
+        if saturated(offered_rps, achieved) or raises == MAX_RAISES:
+            break
+        log.info(
+            "the server kept up with %s req/s (%s answers/s): offering more", offered_rps, achieved
+        )
+        offered_rps = round(offered_rps * RAISE_FACTOR, 1)
+    return summary, attempts
 
 
 def best_single_column(
@@ -173,14 +210,17 @@ def run_target(run: TargetRun) -> dict[str, Any]:
     }
     p99 = {k: s["latency_ms"]["p99"] for k, s in calibration.items()}
     log.info("calibration p99 by column (ms): %s", p99)
-    saturation = run.load("saturate", NoDeadline(), run.saturate_rps, column=deepest, stream=False)
-    saturated = saturation["achieved_rate_rps"]
-    time.sleep(RECOVER_S)
-    rate = target_rate(saturated, run.spec)
+    saturation, attempts = find_saturation(
+        lambda name, rps: run.load(name, NoDeadline(), rps, column=deepest, stream=False),
+        run.saturate_rps,
+        lambda: time.sleep(RECOVER_S),
+    )
+    offered, achieved = attempts[-1]["offered_rps"], attempts[-1]["achieved_rps"]
+    rate = target_rate(achieved, run.spec)
     low, high = target_deadlines(p99, run.spec)
     log.info(
         "saturated %s answers/s: target load %s req/s, deadlines %s-%s ms",
-        saturated,
+        achieved,
         rate,
         low,
         high,
@@ -200,9 +240,11 @@ def run_target(run: TargetRun) -> dict[str, Any]:
             "runs": {str(k): s for k, s in calibration.items()},
         },
         "saturation": {
-            "offered_rps": run.saturate_rps,
+            "offered_rps": offered,
             "column": deepest,
-            "achieved_rps": saturated,
+            "achieved_rps": achieved,
+            "saturated": saturated(offered, achieved),
+            "attempts": attempts,
             "run": saturation,
         },
         "load": {"rate_rps": rate, "deadline": deadline.spec(), "warmup_s": run.warmup_s},
@@ -221,7 +263,7 @@ def format_target(report: Mapping[str, Any]) -> str:
         f"calibration p99 (ms) by column at {report['calibration']['rate_rps']:g} req/s: "
         + ", ".join(f"{k}: {v}" for k, v in report["calibration"]["p99_ms"].items()),
         f"saturated throughput (column {report['saturation']['column']} forced): "
-        f"{report['saturation']['achieved_rps']} answers/s",
+        f"{report['saturation']['achieved_rps']} answers/s{_saturation_note(report)}",
         f"target load: {load['rate_rps']} req/s, deadlines {load['deadline']} ms",
         *_warmup_lines(report),
         "",
@@ -266,3 +308,13 @@ def _warmup_lines(report: Mapping[str, Any]) -> list[str]:
 
 def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _saturation_note(report: Mapping[str, Any]) -> str:
+    """How the saturation was found, where it took more than the first offer."""
+    saturation = report["saturation"]
+    attempts = saturation.get("attempts") or []
+    offers = " then ".join(f"{a['offered_rps']:g}" for a in attempts)
+    if not saturation.get("saturated", True):
+        return f" (NOT saturated: it kept up with {offers} req/s; a lower bound)"
+    return f" (offered {offers} req/s)" if len(attempts) > 1 else ""

@@ -10,7 +10,7 @@ import pytest
 
 from loadtest.generator import Result
 from loadtest.report import format_table, summarize
-from loadtest.stalls import Stall, StallProbe, stall_report, stolen_ms
+from loadtest.stalls import Stall, StallProbe, stall_report, steal_since, stolen_ms
 
 
 def result(index: int, at_s: float, deadline_ms: float, met: bool) -> Result:
@@ -71,3 +71,24 @@ def test_steal_time_is_read_where_the_kernel_reports_it() -> None:
         assert stolen is not None and stolen >= 0.0
     else:
         assert stolen is None
+
+
+def test_the_steal_time_of_a_report_starts_where_the_report_does() -> None:
+    """A warm-up left out of a report takes its stolen CPU time along."""
+    readings = [(10.0, 100.0), (10.1, 104.0), (10.2, 104.5), (10.3, 110.0)]
+    assert steal_since(readings, 0.0) == 10.0
+    assert steal_since(readings, 10.15) == 5.5  # from the 10.2 s reading on
+    assert steal_since(readings, 10.3) is None and steal_since([], 0.0) is None
+
+
+def test_the_probe_reads_the_steal_time_through_the_run() -> None:
+    with StallProbe() as probe:
+        probe.start_at(time.monotonic())
+        time.sleep(0.35)
+    if stolen_ms() is None:
+        assert probe.steal_ms is None and probe.steal_readings == []
+        return
+    times = [at_s for at_s, _ in probe.steal_readings]
+    assert len(times) >= 4 and times == sorted(times)  # start, every 0.1 s, end
+    assert probe.steal_ms is not None and probe.steal_ms >= 0.0
+    assert probe.report([], skip_s=0.2)["steal_ms"] is not None

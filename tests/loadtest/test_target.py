@@ -13,8 +13,12 @@ from loadtest.cli import main
 from loadtest.report import read_csv
 from loadtest.samples import load_samples
 from loadtest.target import (
+    MAX_RAISES,
     TargetSpec,
     best_single_column,
+    find_saturation,
+    format_target,
+    saturated,
     target_deadlines,
     target_rate,
     verdict,
@@ -40,6 +44,58 @@ def test_deadlines_and_rate_follow_the_spec() -> None:
     # A deepest column faster than 1.5x column 1 never makes an empty range.
     assert target_deadlines({1: 10.0, 2: 7.0}, SPEC) == (15.0, 15.0)
     assert target_rate(400.0, SPEC) == 280.0
+
+
+def server_of(capacity_rps: float, steps: list[str]) -> Any:
+    """A saturation step against a server that answers at most `capacity_rps`."""
+
+    def step(name: str, offered_rps: float) -> dict[str, Any]:
+        steps.append(name)
+        return {"achieved_rate_rps": min(offered_rps, capacity_rps) * 0.99}
+
+    return step
+
+
+def test_an_offer_the_server_keeps_up_with_is_raised_until_it_saturates() -> None:
+    assert saturated(1000.0, 940.0) and not saturated(1000.0, 960.0)
+    steps: list[str] = []
+    pauses: list[int] = []
+    summary, attempts = find_saturation(server_of(1600.0, steps), 1000.0, lambda: pauses.append(1))
+    assert [a["offered_rps"] for a in attempts] == [1000.0, 1500.0, 2250.0]
+    assert summary["achieved_rate_rps"] == attempts[-1]["achieved_rps"] == 1584.0
+    assert steps == ["saturate", "saturate-2", "saturate-3"] and len(pauses) == 3
+    # An offer the server cannot keep up with is measured once.
+    steps.clear()
+    _, attempts = find_saturation(server_of(600.0, steps), 1000.0)
+    assert steps == ["saturate"] and attempts[0]["achieved_rps"] == 594.0
+    # A server that keeps up with every offer: the last one is a lower bound, said so.
+    _, attempts = find_saturation(server_of(float("inf"), []), 1000.0)
+    assert len(attempts) == MAX_RAISES + 1 and attempts[-1]["offered_rps"] == 3375.0
+
+
+def test_the_printed_report_says_how_saturation_was_found() -> None:
+    def report(attempts: list[tuple[float, float]]) -> dict[str, Any]:
+        offered, achieved = attempts[-1]
+        return {
+            "calibration": {"rate_rps": 50.0, "p99_ms": {"1": 3.0}},
+            "saturation": {
+                "column": 4,
+                "achieved_rps": achieved,
+                "saturated": saturated(offered, achieved),
+                "attempts": [{"offered_rps": o, "achieved_rps": a} for o, a in attempts],
+            },
+            "load": {"rate_rps": 0.7 * achieved, "deadline": "uniform:5:10"},
+            "runs": {},
+            "verdict": {},
+        }
+
+    assert "800.0 answers/s\n" in format_target(report([(1000.0, 800.0)]))
+    assert "(offered 1000 then 1500 req/s)" in format_target(
+        report([(1000.0, 990.0), (1500.0, 1100.0)])
+    )
+    assert "NOT saturated: it kept up with 1000 then 1500" in format_target(
+        report([(1000.0, 990.0), (1500.0, 1490.0)])
+    )
 
 
 def test_best_single_column_reaching_a_hit_rate() -> None:
@@ -93,7 +149,10 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         counts = run["counts"]
         assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
         assert run["stalls"]["misses"] == counts["scheduled"] - counts["deadline_met"]
-    steps = {"calibrate-column1", "calibrate-column2", "saturate", "auto", "stream"}
+    attempts = report["saturation"]["attempts"]
+    assert attempts and attempts[-1]["achieved_rps"] == report["saturation"]["achieved_rps"]
+    saturate = ["saturate"] + [f"saturate-{i}" for i in range(2, len(attempts) + 1)]
+    steps = {"calibrate-column1", "calibrate-column2", *saturate, "auto", "stream"}
     steps |= {"column1", "column2"}
     assert {p.stem for p in (out / "runs").iterdir()} == steps | {f"{s}-warmup" for s in steps}
     # Each step: a warm-up recorded apart, then the measured part, timed from its start.
