@@ -120,7 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--saturate-rate",
         type=float,
         default=1000.0,
-        help="offered rate of the --target saturation step (default %(default)s)",
+        help="first offered rate of the --target saturation step, raised by half while "
+        "the server keeps up with it (default %(default)s)",
     )
     p.add_argument(
         "--warmup",

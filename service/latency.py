@@ -5,11 +5,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-IDLE_EDGES_MS = (1.0, 10.0, 100.0)
-"""The idle spans before a run that are learned apart, by default: a run that follows
-another within 1 ms, after 1-10 ms, after 10-100 ms, and after longer. On a small CPU host
-a run after 10 ms of idle took 2-5 times as long as one back to back (docs/serving.md)."""
-
 
 @dataclass
 class Correction:
@@ -39,8 +34,9 @@ class LatencyModel:
     prediction is base x (correction + `tail_weight` x spread): deliberately above the
     median, since a deadline is missed by the slow runs, not the typical one.
 
-    Runs are learned apart by the idle time before them (`idle_edges_ms`): the profile is
-    measured back to back, and a run on a thread (and CPUs) that sat idle is slower. The
+    With `idle_edges_ms` (by default none), runs are learned apart by the idle time before
+    them: the profile is measured back to back, and a run on a thread (and CPUs) that sat
+    idle is slower (docs/serving.md: measured, and not kept as the default). The
     back-to-back correction starts from the profile and learns at `alpha`; a longer span
     is predicted as the span before it until it has runs of its own, then averages its
     first 1/alpha runs plainly, so it is right after a few. A span is never predicted
@@ -51,7 +47,7 @@ class LatencyModel:
     alpha: float = 0.05
     tail_weight: float = 2.0
     learning: bool = True
-    idle_edges_ms: tuple[float, ...] = IDLE_EDGES_MS
+    idle_edges_ms: tuple[float, ...] = ()
     corrections: list[Correction] = field(init=False)
     _sizes: list[int] = field(init=False, repr=False)
     _factors: list[float] = field(init=False, repr=False)

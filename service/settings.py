@@ -9,8 +9,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.latency import IDLE_EDGES_MS
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FRACTAL_", extra="ignore", frozen=True)
@@ -135,9 +133,9 @@ class Settings(BaseSettings):
     """JSON {variant_key: {batch_size: ms}} to use instead of measuring (deterministic tests)."""
     latency_learning: bool = True
     """Update latency estimates from observed runs (off: keep the profile as is)."""
-    latency_idle_edges_ms: tuple[float, ...] = IDLE_EDGES_MS
+    latency_idle_edges_ms: tuple[float, ...] = ()
     """Idle spans before a run (ms) whose runs the latency model learns apart (a run after
-    idle is slower); empty: one correction for every run."""
+    idle is slower; tried: [1, 10, 100], docs/serving.md); empty: one correction for all."""
 
     @field_validator("latency_idle_edges_ms")
     @classmethod
