@@ -242,8 +242,10 @@ class Engine:
     ) -> Callable[[Candidate], float]:
         ahead = self.batcher.ahead_of(order_s)
         running = self.batcher.running_remaining_ms()
-        # With nothing ahead and a free thread, the run starts now, after the thread's idle.
-        cost = _cost_of(model, 0.0 if ahead or running else self.batcher.idle_ms())
+        # With nothing ahead and a free thread, the run starts now, after the thread's idle
+        # (which matters only where the latency model learns idle spans apart).
+        idle = self.settings.latency_idle_edges_ms and not (ahead or running)
+        cost = _cost_of(model, self.batcher.idle_ms() if idle else 0.0)
 
         def completion(c: Candidate) -> float:
             return predict_completion_ms(
