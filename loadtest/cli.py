@@ -196,7 +196,7 @@ def _warn_on_labels(samples: list[Sample], models: dict[str, Any]) -> None:
 def single(args: argparse.Namespace, samples: list[Sample]) -> int:
     plan = build_plan(args.rate, args.duration, args.deadline_dist, len(samples), args.seed)
     log.info("%d requests scheduled over %g s", len(plan.arrivals), args.duration)
-    results, stalls = run_probed(_target(args), plan, samples, args.concurrency, args.workers)
+    results, stalls, _ = run_probed(_target(args), plan, samples, args.concurrency, args.workers)
     summary = summarize(results, args.rate, args.duration, stalls)
     print(format_table(summary))
     if args.out is not None:

@@ -185,11 +185,19 @@ def stall_report(
 
 
 def run_probed(
-    target: Target, plan: Plan, samples: Sequence[Sample], concurrency: int, workers: int
-) -> tuple[list[Result], dict[str, Any]]:
-    """`run_load` with a `StallProbe` around it: the results and the stall report."""
-    from loadtest.generator import run_load
+    target: Target,
+    plan: Plan,
+    samples: Sequence[Sample],
+    concurrency: int,
+    workers: int,
+    warmup_s: float = 0.0,
+) -> tuple[list[Result], dict[str, Any], list[Result]]:
+    """`run_load` with a `StallProbe` around it: the results after the plan's first
+    `warmup_s` (re-timed from there: `split_warmup`), their stall report, and the
+    warm-up's results."""
+    from loadtest.generator import run_load, split_warmup
 
     with StallProbe() as probe:
         results = run_load(target, plan, samples, concurrency, workers, probe.start_at)
-    return results, probe.report(results)
+    warm, measured = split_warmup(results, warmup_s)
+    return measured, probe.report(measured, warmup_s), warm

@@ -83,7 +83,7 @@ def run_sweep(
     for mode, column in modes(columns):
         for deadline in deadlines_ms:
             plan = build_plan(rate_rps, duration_s, Fixed(deadline), len(samples), seed)
-            results, stalls = run_probed(
+            results, stalls, _ = run_probed(
                 replace(target, column=column), plan, samples, concurrency, workers
             )
             summary = summarize(results, rate_rps, duration_s, stalls)

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.deadlines import Deadline, NoDeadline, Uniform
-from loadtest.generator import Target, build_plan, run_load, split_warmup
+from loadtest.generator import Target, build_plan
 from loadtest.report import summarize, write_csv
 from loadtest.samples import Sample
-from loadtest.stalls import StallProbe
+from loadtest.stalls import run_probed
 from loadtest.sweep import SETTLE_S
 
 log = logging.getLogger(__name__)
@@ -178,12 +178,9 @@ class TargetRun:
             rate_rps, self.warmup_s + self.duration_s, deadline, len(self.samples), self.seed
         )
         target = replace(self.target, **changes)
-        with StallProbe() as probe:
-            results = run_load(
-                target, plan, self.samples, self.concurrency, self.workers, probe.start_at
-            )
-        warm, measured = split_warmup(results, self.warmup_s)
-        stalls = probe.report(measured, self.warmup_s)
+        measured, stalls, warm = run_probed(
+            target, plan, self.samples, self.concurrency, self.workers, self.warmup_s
+        )
         if self.out is not None:
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
             write_csv(self.out / "runs" / f"{name}.csv", measured)

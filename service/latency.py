@@ -6,6 +6,13 @@ import bisect
 from dataclasses import dataclass, field
 
 
+def check_idle_edges(edges: tuple[float, ...]) -> tuple[float, ...]:
+    """`edges` if they are positive and increasing, else ValueError."""
+    if any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+        raise ValueError("idle edges must be positive and increasing")
+    return edges
+
+
 @dataclass
 class Correction:
     """What runs after one span of idle time taught: an EWMA of observed / profile and
@@ -56,8 +63,7 @@ class LatencyModel:
     def __post_init__(self) -> None:
         if not self.profile_ms:
             raise ValueError("a latency profile needs at least one batch size")
-        if list(self.idle_edges_ms) != sorted(set(self.idle_edges_ms)):
-            raise ValueError("idle edges must be increasing")
+        check_idle_edges(self.idle_edges_ms)
         self._sizes = sorted(self.profile_ms)
         self.corrections = [Correction() for _ in range(len(self.idle_edges_ms) + 1)]
         self._factors = [1.0] * len(self.corrections)

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.latency import check_idle_edges
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FRACTAL_", extra="ignore", frozen=True)
@@ -137,12 +139,7 @@ class Settings(BaseSettings):
     """Idle spans before a run (ms) whose runs the latency model learns apart (a run after
     idle is slower; tried: [1, 10, 100], docs/serving.md); empty: one correction for all."""
 
-    @field_validator("latency_idle_edges_ms")
-    @classmethod
-    def _increasing(cls, edges: tuple[float, ...]) -> tuple[float, ...]:
-        if any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
-            raise ValueError("idle edges must be positive and increasing")
-        return edges
+    _idle_edges = field_validator("latency_idle_edges_ms")(check_idle_edges)
 
     admin_token: SecretStr | None = None
     """Bearer token for POST /admin/reload; unset: the admin endpoint is off."""
