@@ -129,8 +129,8 @@ def test_sigterm_drains_without_loss(bundle: Path, profile: Path, tmp_path: Path
             return thread
 
         with (
-            Traffic(server.url, plain(body), threads=6) as plains,
-            Traffic(server.url, stream(body), threads=4) as streams,
+            Traffic(server.url, plain(body), threads=8) as plains,
+            Traffic(server.url, stream(body), threads=6) as streams,
         ):
             time.sleep(3.0)
             # One request still decoding its image when the signal comes: it arrived
@@ -140,7 +140,9 @@ def test_sigterm_drains_without_loss(bundle: Path, profile: Path, tmp_path: Path
             time.sleep(0.1)
             plains.stop()  # nothing more is sent after this ...
             streams.stop()
-            time.sleep(0.05)  # ... and what was sent has reached the server
+            # ... and what was sent has reached the server (a body is written in well under
+            # a millisecond on loopback; a longer wait lets a fast machine answer it all).
+            time.sleep(0.02)
             probes = [
                 watch("ready", "/v2/health/ready", 0.02),
                 watch(
