@@ -98,13 +98,17 @@ class Result:
     send_s: float | None = None
     latency_ms: float | None = None
     server_ms: float | None = None
-    """The server's elapsed time for it (arrival to answer, by its own clock; answered
-    requests only): `latency_ms - server_ms` is the time spent outside the server."""
+    """The server's elapsed time for it (arrival to answer, by its own clock, from the send
+    when it honours `X-Request-Start`; answered requests only): `latency_ms - server_ms`
+    is the time spent outside the server."""
     queue_ms: float | None = None
     """Of the server's time, waiting for its batch to start (its `Server-Timing` header;
     single answers only)."""
     inference_ms: float | None = None
     """Of the server's time, its batch's run, hand-back to the event loop included."""
+    transit_ms: float | None = None
+    """Of the server's time, the way from the send to the server reading the request
+    (`X-Request-Start`, which the generator stamps; absent when the server ignores it)."""
     status: int = 0
     """HTTP status; 0 when there was none (dropped, connection error, timeout)."""
     column: int | None = None
@@ -238,6 +242,7 @@ async def _send(
                 target.column,
                 target.stream,
                 request_id=f"loadtest-{result.index}",
+                request_start_s=time.time(),
             )
             if target.stream:
                 return await _send_stream(client, headers, sample, result, t0)
@@ -251,6 +256,7 @@ async def _send(
             timing = server_timing(response.headers.get("server-timing"))
             result.queue_ms = timing.get("queue")
             result.inference_ms = timing.get("inference")
+            result.transit_ms = timing.get("transit")
             return _finish(result, answer, done_s)
     except TimeoutError:
         return _finish(result, Answer(error="timeout"), now())

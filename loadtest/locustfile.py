@@ -56,7 +56,9 @@ class ClassifyUser(HttpUser):
     def classify(self) -> None:
         sample = SAMPLES[int(self.rng.integers(len(SAMPLES)))]
         deadline = float(DEADLINE.sample(1, self.rng)[0])
-        headers = classify_headers(sample.content_type, deadline, COLUMN, STREAM)
+        headers = classify_headers(
+            sample.content_type, deadline, COLUMN, STREAM, request_start_s=time.time()
+        )
         start = time.perf_counter()
         with self.client.post(
             CLASSIFY_PATH,

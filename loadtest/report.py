@@ -15,14 +15,18 @@ Definitions (every rate over ALL scheduled requests unless it says otherwise):
   misses that overlapped one (loadtest.stalls);
 - time outside the server: latency minus the server's own elapsed time for the request
   (`elapsed_ms` of its answer): the generator's send lag, the network both ways, the
-  server's event loop before it reads the request, the client reading the answer;
+  server's event loop before it reads the request, the client reading the answer; a
+  server that honours `X-Request-Start` (which the generator stamps at the send) counts
+  the way there in its elapsed time, and then only the send lag and the way back remain;
 - late answers: completed past their deadline, split into *late by the server's clock*
   (its elapsed time exceeded the budget the request was sent with) and *late outside
   the server* (the server answered within that budget; the rest of the way made it late);
 - the server's time split (single answers, from their `Server-Timing` header): *queue*,
   waiting for the batch to start; *inference*, the batch's run and its hand-back to the
-  event loop; *rest*, everything else between arrival and answer (reading and decoding
-  the body, admission, writing the answer, and the event loop's turns in between).
+  event loop; *transit*, from the send to the server reading the request (when the server
+  reports it: `X-Request-Start`); *rest*, everything else between arrival and answer
+  (reading and decoding the body, admission, writing the answer, and the event loop's
+  turns in between).
 """
 
 from __future__ import annotations
@@ -77,17 +81,27 @@ def late_answers(results: Iterable[Result]) -> dict[str, int]:
 
 
 def server_split(results: Iterable[Result], qs: Sequence[int]) -> dict[str, Any] | None:
-    """Percentiles of the server's time split into queue, inference and rest (module
-    docstring), over the answers that carry all three; None when none does."""
-    parts = [
-        (r.queue_ms, r.inference_ms, r.server_ms - r.queue_ms - r.inference_ms)
+    """Percentiles of the server's time split into queue, inference, transit (when the
+    server reported it) and rest (module docstring), over the answers that carry queue and
+    inference; None when none does."""
+    timed = [
+        r
         for r in results
         if r.server_ms is not None and r.queue_ms is not None and r.inference_ms is not None
     ]
-    if not parts:
+    if not timed:
         return None
-    names = ("queue", "inference", "rest")
-    return {name: _percentiles([p[i] for p in parts], qs) for i, name in enumerate(names)}
+    parts: dict[str, list[float]] = {"queue": [], "inference": [], "transit": [], "rest": []}
+    for r in timed:
+        assert r.server_ms is not None and r.queue_ms is not None and r.inference_ms is not None
+        transit = r.transit_ms or 0.0
+        parts["queue"].append(r.queue_ms)
+        parts["inference"].append(r.inference_ms)
+        parts["transit"].append(transit)
+        parts["rest"].append(r.server_ms - r.queue_ms - r.inference_ms - transit)
+    if all(r.transit_ms is None for r in timed):
+        del parts["transit"]
+    return {name: _percentiles(values, qs) for name, values in parts.items()}
 
 
 def summarize(
@@ -321,6 +335,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "server_ms": _opt(float),
     "queue_ms": _opt(float),
     "inference_ms": _opt(float),
+    "transit_ms": _opt(float),
     "status": int,
     "column": _opt(int),
     "predicted": _opt(str),

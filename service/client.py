@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -119,7 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def request_headers(args: argparse.Namespace, content_type: str) -> dict[str, str]:
-    headers = classify_headers(content_type, args.deadline_ms, args.column, args.stream)
+    headers = classify_headers(
+        content_type, args.deadline_ms, args.column, args.stream, request_start_s=time.time()
+    )
     if args.min_confidence is not None:
         headers["X-Min-Confidence"] = f"{args.min_confidence:g}"
     if args.token:

@@ -50,10 +50,17 @@ class Request:
     precision: str = "fp32"
     min_confidence: float | None = None
     views: int = 1
+    transit_ms: float | None = None
+    """Time on the way before arrival (X-Request-Start), which the deadline counts."""
+
+    @property
+    def start_s(self) -> float:
+        """When the budget started: the arrival, less the time on the way when stamped."""
+        return self.arrival_s - (self.transit_ms or 0.0) / 1000.0
 
     @property
     def deadline_s(self) -> float:
-        return math.inf if self.deadline_ms is None else self.arrival_s + self.deadline_ms / 1000
+        return math.inf if self.deadline_ms is None else self.start_s + self.deadline_ms / 1000
 
     @property
     def cascade_threshold(self) -> float | None:
@@ -416,7 +423,7 @@ class Engine:
             result.probabilities,
             result.queue_ms,
             result.inference_ms,
-            (self.clock() - request.arrival_s) * 1000.0,
+            (self.clock() - request.start_s) * 1000.0,
         )
 
     # -- single answer ------------------------------------------------------------------
@@ -566,7 +573,7 @@ class Engine:
         answer (`first_ms`: its first column's elapsed time) spends its budget on deeper
         columns by design, so when it met its deadline its first answer is what tells how
         congested the server is; a late one counts as late."""
-        elapsed = (self.clock() - request.arrival_s) * 1000.0
+        elapsed = (self.clock() - request.start_s) * 1000.0
         answer = Answer(model, final, request.deadline_ms, elapsed, run, reason)
         if self.warming:
             return answer

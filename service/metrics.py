@@ -56,6 +56,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.request_transit = Histogram(
+            "fractal_request_transit_seconds",
+            "Time on the way before arrival: from a request's X-Request-Start stamp",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.inference_duration = Histogram(
             "fractal_inference_duration_seconds",
             "One onnxruntime run",

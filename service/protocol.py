@@ -26,11 +26,16 @@ def classify_headers(
     column: int | None,
     stream: bool,
     request_id: str | None = None,
+    request_start_s: float | None = None,
 ) -> dict[str, str]:
-    """Headers for one POST /v1/classify (a NaN or None deadline sends no header)."""
+    """Headers for one POST /v1/classify (a NaN or None deadline sends no header).
+    `request_start_s` (Unix time, seconds) is when the request is sent: the server counts
+    the deadline from then (X-Request-Start), the time on the way included."""
     headers = {"Content-Type": content_type}
     if request_id is not None:
         headers["X-Request-ID"] = request_id
+    if request_start_s is not None:
+        headers["X-Request-Start"] = f"t={request_start_s:.6f}"
     if deadline_ms is not None and not math.isnan(deadline_ms):
         headers["X-Deadline-Ms"] = f"{deadline_ms:.3f}"
     if column is not None:

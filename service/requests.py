@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,25 @@ DEADLINE_HEADER = {
     "in": "header",
     "required": False,
     "schema": {"type": "number", "exclusiveMinimum": 0},
-    "description": "time budget in ms from arrival; absent: the server's default (if any)",
+    "description": "time budget in ms from arrival (from X-Request-Start when given); "
+    "absent: the server's default (if any)",
 }
 """The X-Deadline-Ms header, as an OpenAPI parameter (both APIs read it)."""
+
+REQUEST_START_HEADER = {
+    "name": "X-Request-Start",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "example": "t=1796659200.123456"},
+    "description": "when the client or a proxy in front took the request (`t=` and Unix "
+    "time in seconds, milliseconds or microseconds): the deadline counts from then",
+}
+"""The X-Request-Start header, as an OpenAPI parameter (both APIs read it)."""
+
+_EPOCH_MS_FROM = 1e11
+"""Unix times at or above this are milliseconds (1e11 s is the year 5138)..."""
+_EPOCH_US_FROM = 1e14
+"""...and at or above this, microseconds (1e14 ms is the year 5138 too)."""
 
 
 PRECISIONS = ["fp32", "int8"]
@@ -47,6 +64,53 @@ def parse_deadline_ms(value: str | None, default: float | None) -> float | None:
     if not math.isfinite(ms) or ms <= 0:
         raise BadRequest(f"X-Deadline-Ms must be a positive number of ms, got {value!r}")
     return ms
+
+
+def parse_request_start_s(value: str | None) -> float | None:
+    """X-Request-Start: when the request was taken, in seconds since the Unix epoch, or
+    None without the header. The value is `t=` and a Unix time (the `t=` may be left
+    out) in seconds, milliseconds or microseconds, told apart by size as New Relic's
+    agents do: nginx's `t=${msec}` (seconds, to the ms), Apache's `%t` (microseconds)."""
+    if value is None:
+        return None
+    text = value.strip()
+    number = text[2:] if text.startswith("t=") else text
+    try:
+        stamp = float(number)
+    except ValueError:
+        stamp = math.nan
+    if not math.isfinite(stamp) or stamp <= 0:
+        raise BadRequest(f"X-Request-Start must be t= and a Unix time, got {value!r}")
+    if stamp >= _EPOCH_US_FROM:
+        return stamp / 1e6
+    if stamp >= _EPOCH_MS_FROM:
+        return stamp / 1e3
+    return stamp
+
+
+def transit_ms(request_start: str | None, arrival_epoch_s: float) -> float | None:
+    """Milliseconds from the X-Request-Start stamp to the request's arrival (at
+    `arrival_epoch_s`, Unix time): time the request spent on its way (a proxy's queue, the
+    network, a server loop that had not read it yet), which its deadline counts. None
+    without the header; 0 for a stamp after the arrival (the two clocks disagree)."""
+    start_s = parse_request_start_s(request_start)
+    if start_s is None:
+        return None
+    return max(arrival_epoch_s - start_s, 0.0) * 1000.0
+
+
+def stamped_transit_ms(request: Request, settings: Settings) -> float | None:
+    """The request's time on the way (`transit_ms`) when the server honours X-Request-Start,
+    noted in its state for the metrics and the access log; None when not stamped."""
+    if not settings.honor_request_start:
+        return None
+    state = request.state
+    arrival_epoch_s = getattr(state, "arrival_epoch_s", None)
+    if arrival_epoch_s is None:  # not seen by ObservabilityMiddleware
+        arrival_epoch_s = time.time()
+    transit = transit_ms(request.headers.get("x-request-start"), arrival_epoch_s)
+    state.transit_ms = transit
+    return transit
 
 
 def parse_column(value: str | None) -> int | None:

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     ("inf": the lag does not matter)."""
     default_deadline_ms: float | None = Field(default=None, gt=0)
     """Deadline for requests without X-Deadline-Ms; None: no deadline (deepest column)."""
+    honor_request_start: bool = True
+    """Count a request's deadline from its X-Request-Start stamp (set by the client or a
+    proxy in front) rather than from its arrival, so that time spent on the way counts;
+    the stamp is Unix time, so the stamping host's clock must agree with this one's. Off:
+    the header is ignored."""
     best_effort: bool = False
     """Answer late with column 1 (marked missed) instead of refusing with 503."""
     deadline_margin_ms: float = Field(default=4.0, ge=0)

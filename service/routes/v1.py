@@ -19,6 +19,7 @@ from service.requests import (
     DEADLINE_HEADER,
     INLINE_DECODE_PIXELS,
     PRECISIONS,
+    REQUEST_START_HEADER,
     VIEWS,
     DecodeElsewhere,
     decode_images,
@@ -29,6 +30,7 @@ from service.requests import (
     parse_precision,
     parse_views,
     read_body,
+    stamped_transit_ms,
 )
 from service.responses import answer_body, column_event, done_event, model_card
 from service.routes.direct import DirectRoute
@@ -39,6 +41,7 @@ router = APIRouter(prefix="/v1", tags=["v1"], route_class=DirectRoute)
 CLASSIFY_BODY = {
     "parameters": [
         DEADLINE_HEADER,
+        REQUEST_START_HEADER,
         {"name": "X-Column", "in": "header", "schema": {"type": "integer", "minimum": 1}},
         {"name": "X-Precision", "in": "header", "schema": {"type": "string", "enum": PRECISIONS}},
         {"name": "X-Views", "in": "header", "schema": {"type": "integer", "enum": VIEWS}},
@@ -82,6 +85,7 @@ async def classify(request: Request) -> Response:
     precision = parse_precision(headers.get("x-precision"))
     views = parse_views(headers.get("x-views"))
     threshold = parse_confidence(headers.get("x-min-confidence"))
+    transit = stamped_transit_ms(request, settings)
     state.deadline_ms = deadline
     model = engine.current_model(arrival)
     body = await read_body(request, settings.max_body_bytes)
@@ -90,7 +94,7 @@ async def classify(request: Request) -> Response:
         images = decode_images(encoded, model, settings, INLINE_DECODE_PIXELS)
     except DecodeElsewhere:
         images = await asyncio.to_thread(decode_images, encoded, model, settings)
-    req = EngineRequest(images, arrival, deadline, column, precision, threshold, views)
+    req = EngineRequest(images, arrival, deadline, column, precision, threshold, views, transit)
     if EVENT_STREAM in headers.get("accept", ""):
         return await _stream(request, engine, req)
     try:
@@ -104,10 +108,16 @@ async def classify(request: Request) -> Response:
         answer_body(answer, req.cascade_threshold),
         headers={
             "X-Fractal-Column": str(final.variant.column),
-            "Server-Timing": f"queue;dur={final.queue_ms:.3f}, "
-            f"inference;dur={final.inference_ms:.3f}",
+            "Server-Timing": server_timing(final, req.transit_ms),
         },
     )
+
+
+def server_timing(final: ColumnAnswer, transit_ms: float | None) -> str:
+    """The `Server-Timing` header: queue and inference, and the time on the way when the
+    request was stamped (X-Request-Start)."""
+    timing = f"queue;dur={final.queue_ms:.3f}, inference;dur={final.inference_ms:.3f}"
+    return timing if transit_ms is None else f"{timing}, transit;dur={transit_ms:.3f}"
 
 
 def _note(request: Request, answer: Answer) -> None:

@@ -23,10 +23,12 @@ from service.jsonresponse import JSONResponse
 from service.model import LoadedModel
 from service.requests import (
     DEADLINE_HEADER,
+    REQUEST_START_HEADER,
     parse_confidence,
     parse_deadline_ms,
     parse_json,
     read_body,
+    stamped_transit_ms,
 )
 from service.routes.direct import DirectRoute
 
@@ -39,6 +41,7 @@ INFER_BODY = {
     "parameters": [
         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
         DEADLINE_HEADER,
+        REQUEST_START_HEADER,
     ],
     "requestBody": {
         "required": True,
@@ -290,8 +293,11 @@ async def infer(request: Request) -> Response:
     wanted = _outputs(payload)
     deadline = _deadline(params, request.headers.get("x-deadline-ms"), settings.default_deadline_ms)
     threshold = parse_confidence(params.get("min_confidence"), "min_confidence")
+    transit = stamped_transit_ms(request, settings)
     request.state.deadline_ms = deadline
-    req = EngineRequest(images, arrival, deadline, _column(params), "fp32", threshold)
+    req = EngineRequest(
+        images, arrival, deadline, _column(params), "fp32", threshold, transit_ms=transit
+    )
     try:
         answer = await engine.classify(req)
     except ServiceError as exc:

@@ -87,6 +87,32 @@ def test_impossible_deadline_is_shed_with_retry_after(live: Any, image: bytes) -
     assert r.json()["reason"] == "deadline" and "deadline" in r.json()["error"]
 
 
+def stamped(ago_ms: float, unit_s: float = 1.0) -> str:
+    """An X-Request-Start value `ago_ms` before now, in seconds (or ms, us: `unit_s`)."""
+    return f"t={(time.time() - ago_ms / 1000.0) / unit_s:.6f}"
+
+
+def test_the_deadline_counts_from_x_request_start(live: Any, image: bytes) -> None:
+    """200 ms fit column 2 (above); with 140 ms of them spent on the way, column 1."""
+    with live.client() as c:
+        for unit_s in (1.0, 1e-3, 1e-6):  # nginx's t=${msec}, milliseconds, Apache's %t
+            headers = {"X-Deadline-Ms": "200", "X-Request-Start": stamped(140, unit_s)}
+            r = classify(c, image, **headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["column"] == 1
+            assert r.json()["elapsed_ms"] >= 140  # counted from the stamp
+            transit = float(r.headers["Server-Timing"].split("transit;dur=")[1])
+            assert 140 <= transit < 140 + TIMING_SLACK_MS * 5
+        # Already late on arrival: refused, not queued.
+        r = classify(c, image, **{"X-Deadline-Ms": "200", "X-Request-Start": stamped(250)})
+        assert r.status_code == 503 and r.json()["reason"] == "deadline"
+        # A stamp after the arrival (the clocks disagree) counts nothing.
+        r = classify(c, image, **{"X-Deadline-Ms": "200", "X-Request-Start": stamped(-5000)})
+        assert r.json()["column"] == 2 and "transit;dur=0.000" in r.headers["Server-Timing"]
+        text = c.get("/metrics").text
+    assert metric_value(text, "fractal_request_transit_seconds_count") >= 5
+
+
 def test_forced_column(live: Any, image: bytes) -> None:
     with live.client() as c:
         assert classify(c, image, **{"X-Column": "2"}).json()["column"] == 2
@@ -249,6 +275,11 @@ def test_json_bodies(live: Any) -> None:
         {"X-Min-Confidence": "1.5"},
         {"X-Min-Confidence": "high"},
         {"X-Precision": "fp16"},
+        {"X-Request-Start": "t=soon"},
+        {"X-Request-Start": "t=-1"},
+        {"X-Request-Start": "t=inf"},
+        {"X-Request-Start": ""},
+        {"X-Request-Start": "t=soon", "X-Deadline-Ms": "50"},  # judged at arrival
     ],
 )
 def test_bad_headers_are_400_json(live: Any, image: bytes, headers: dict[str, str]) -> None:

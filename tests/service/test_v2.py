@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import httpx
@@ -85,6 +86,11 @@ def test_deadline_parameters(client: triton.InferenceServerClient, live: Any) ->
     ).tolist() == [2]
     with pytest.raises(InferenceServerException, match="deadline"):
         client.infer("tiny", [inp], parameters={"deadline_ms": 1})
+    # The budget counts from X-Request-Start: 140 ms of 200 gone on the way leave column 1.
+    stamp = f"t={time.time() - 0.140:.6f}"
+    assert client.infer(
+        "tiny", [inp], parameters={"deadline_ms": 200}, headers={"X-Request-Start": stamp}
+    ).as_numpy("column").tolist() == [1]
 
 
 @pytest.mark.parametrize(
