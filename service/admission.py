@@ -205,7 +205,8 @@ class LoopLag:
         """The loop was busy `ms` running inference itself (`run_on_loop`)."""
         self.excused_ms += ms
 
-    @property
-    def allowance_ms(self) -> float:
-        """Kept from a request's budget at arrival: one lag on the way in, one out."""
-        return 2.0 * self.lag_ms
+    def allowance_ms(self, stamped: bool = False) -> float:
+        """Kept from a request's budget at arrival: one lag on the way in, one out; one
+        only for a request whose way in its deadline counts already (`stamped`:
+        X-Request-Start)."""
+        return (1.0 if stamped else 2.0) * self.lag_ms

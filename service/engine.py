@@ -212,10 +212,11 @@ class Engine:
             raise Unavailable("model not loaded yet", "not_ready", self.settings.retry_after_s)
         return self.model
 
-    def shed_early(self, arrival_s: float, deadline_ms: float) -> None:
+    def shed_early(self, arrival_s: float, deadline_ms: float, stamped: bool = False) -> None:
         """At arrival, before the body is read and decoded: 503 for a request with a
         deadline when as many as the concurrency limit are in already, or when not even
-        column 1 of one image can meet its deadline, the event loop's lag counted.
+        column 1 of one image can meet its deadline, the event loop's lag counted
+        (`arrival_s`: when the budget started; `stamped`: from X-Request-Start).
         Refusing here costs a fraction of refusing after decoding, so an overloaded server
         spends its time on the requests it can still answer in time."""
         model = self.model
@@ -229,9 +230,9 @@ class Engine:
             self._count_shed()
             raise Unavailable("server at capacity", "queue_full", retry)
         deadline_s = arrival_s + deadline_ms / 1000.0
-        remaining = (
-            self._remaining_until(deadline_s, self._refuse_margin_ms) - self.loop_lag.allowance_ms
-        )
+        remaining = self._remaining_until(
+            deadline_s, self._refuse_margin_ms
+        ) - self.loop_lag.allowance_ms(stamped)
         if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
             self._count_shed()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)
@@ -587,7 +588,8 @@ class Engine:
                 self.metrics.deadline_outcomes, "met" if answer.deadline_met else "missed"
             ).inc()
             timed = first_ms if first_ms is not None and answer.deadline_met else elapsed
-            seen = timed + self.loop_lag.allowance_ms  # about what the client sees
+            # About what the client sees (a stamped request's time counts its way in).
+            seen = timed + self.loop_lag.allowance_ms(request.transit_ms is not None)
             self.admission.outcome(seen, request.deadline_ms, self.clock(), request.arrival_s)
             self.headroom.observe(request.deadline_ms - seen)
         return answer

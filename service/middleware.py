@@ -188,7 +188,9 @@ class EarlyShedding:
         state = scope["state"]
         try:
             self._check_access(scope)
-            self.engine.shed_early(state["arrival_s"] - self._transit_ms(scope) / 1000.0, deadline)
+            transit = self._transit_ms(scope)
+            start_s = state["arrival_s"] - (transit or 0.0) / 1000.0
+            self.engine.shed_early(start_s, deadline, stamped=transit is not None)
         except ServiceError as exc:
             # Answered before routing: name the endpoint for the metrics and the log.
             outcome = exc.reason if isinstance(exc, Unavailable) else None
@@ -222,16 +224,18 @@ class EarlyShedding:
             scope["state"], header(scope, b"authorization") or "", client[0] if client else None
         )
 
-    def _transit_ms(self, scope: Scope) -> float:
+    def _transit_ms(self, scope: Scope) -> float | None:
         """The time on the way that the deadline counts (X-Request-Start; a bad stamp is a
-        400), noted for the metrics and the log (the route, if reached, notes it again)."""
+        400), noted for the metrics and the log (the route, if reached, notes it again);
+        None when not stamped."""
         if not self.engine.settings.honor_request_start:
-            return 0.0
+            return None
         state = scope["state"]
         state["transit_ms"] = transit_ms(
             header(scope, b"x-request-start"), state["arrival_epoch_s"]
         )
-        return state["transit_ms"] or 0.0
+        transit: float | None = state["transit_ms"]
+        return transit
 
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a

@@ -198,6 +198,13 @@ def test_loop_lag_excuses_inference_run_on_the_loop() -> None:
     assert samples == pytest.approx([0.5, 0.0, 6.0])  # what the metric is told
 
 
+def test_a_stamped_request_keeps_one_lag_for_the_way_out_only() -> None:
+    lag = LoopLag(smoothing=1.0)
+    lag.observe(late_ms=1.5)
+    assert lag.allowance_ms() == 3.0  # one lag on the way in, one out
+    assert lag.allowance_ms(stamped=True) == 1.5  # its deadline counts the way in already
+
+
 # -- refusal at arrival, on the live server ------------------------------------------------------
 @pytest.fixture
 def at_capacity(live: ThreadServer) -> Iterator[None]:
