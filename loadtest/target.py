@@ -1,7 +1,9 @@
 """`fractal loadtest --target`: the acceptance run of docs/loadtest.md as one command.
 
 1. **Calibrate**: each column forced (`X-Column`), no deadline, at the low `--rate`:
-   its p99 latency as this harness sees it (client included).
+   its p99 latency as this harness sees it (client included). A calibration in which
+   column 1 came out slower than the deepest column was disturbed (`calibration_disturbed`,
+   pure) and is measured again, up to `MAX_CALIBRATIONS` times in all.
 2. **Saturate**: the deepest column forced, no deadline, offered `--saturate-rate`: the
    answers per second it sustains are the saturated throughput, the rate at which every
    request could still get the best answer. Where the server kept up with the offer
@@ -46,6 +48,8 @@ rate it was offered."""
 RAISE_FACTOR = 1.5
 MAX_RAISES = 3
 """How many times an offer the server kept up with is raised (by `RAISE_FACTOR`)."""
+MAX_CALIBRATIONS = 3
+"""How many times in all the calibration is measured while it comes out disturbed."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,33 @@ def saturated(offered_rps: float, achieved_rps: float) -> bool:
     """Whether a step offered `offered_rps` found the server's limit: it answered less
     than `SATURATED_BELOW` of the offer (else the offer, not the server, set the rate)."""
     return achieved_rps < SATURATED_BELOW * offered_rps
+
+
+def calibration_disturbed(p99_ms: Mapping[int, float]) -> bool:
+    """Whether a calibration was disturbed: column 1, a fraction of the deepest column's
+    work, came out slower at p99 than the deepest (a slow spell of the machine during its
+    step). From such a one the deadlines would shrink to one value or nearly (from
+    `low_factor` x column 1's p99 up to `high_factor` x the deepest's): three runs of
+    about twenty on 2026-12-07 got one fixed deadline of 18-34 ms."""
+    return p99_ms[1] > p99_ms[max(p99_ms)]
+
+
+def calibrate(
+    step: Callable[[str, int], dict[str, Any]], columns: int
+) -> tuple[dict[int, dict[str, Any]], list[dict[str, float]]]:
+    """Run the calibration `step` (name, column) -> summary for every column, again while
+    it comes out disturbed (`calibration_disturbed`), `MAX_CALIBRATIONS` times at most.
+    Returns the last calibration's summaries and every attempt's p99 by column."""
+    attempts: list[dict[str, float]] = []
+    for attempt in range(MAX_CALIBRATIONS):
+        suffix = "" if attempt == 0 else f"-{attempt + 1}"
+        runs = {k: step(f"calibrate-column{k}{suffix}", k) for k in range(1, columns + 1)}
+        p99 = {k: s["latency_ms"]["p99"] for k, s in runs.items()}
+        attempts.append({str(k): v for k, v in p99.items()})
+        if not calibration_disturbed(p99):
+            break
+        log.info("calibration disturbed (column 1 slower than column %d): again", columns)
+    return runs, attempts
 
 
 def find_saturation(
@@ -201,10 +232,10 @@ class TargetRun:
 def run_target(run: TargetRun) -> dict[str, Any]:
     """Every step's summary, the derived load and deadlines, and the verdict."""
     deepest = run.columns
-    calibration = {
-        k: run.load(f"calibrate-column{k}", NoDeadline(), run.calibrate_rps, column=k, stream=False)
-        for k in range(1, deepest + 1)
-    }
+    calibration, calibrations = calibrate(
+        lambda name, k: run.load(name, NoDeadline(), run.calibrate_rps, column=k, stream=False),
+        deepest,
+    )
     p99 = {k: s["latency_ms"]["p99"] for k, s in calibration.items()}
     log.info("calibration p99 by column (ms): %s", p99)
     saturation, attempts = find_saturation(
@@ -234,6 +265,7 @@ def run_target(run: TargetRun) -> dict[str, Any]:
         "calibration": {
             "rate_rps": run.calibrate_rps,
             "p99_ms": {str(k): v for k, v in p99.items()},
+            "attempts": calibrations,
             "runs": {str(k): s for k, s in calibration.items()},
         },
         "saturation": {
@@ -258,7 +290,8 @@ def format_target(report: Mapping[str, Any]) -> str:
     load = report["load"]
     lines = [
         f"calibration p99 (ms) by column at {report['calibration']['rate_rps']:g} req/s: "
-        + ", ".join(f"{k}: {v}" for k, v in report["calibration"]["p99_ms"].items()),
+        + ", ".join(f"{k}: {v}" for k, v in report["calibration"]["p99_ms"].items())
+        + _calibration_note(report),
         f"saturated throughput (column {report['saturation']['column']} forced): "
         f"{report['saturation']['achieved_rps']} answers/s{_saturation_note(report)}",
         f"target load: {load['rate_rps']} req/s, deadlines {load['deadline']} ms",
@@ -305,6 +338,14 @@ def _warmup_lines(report: Mapping[str, Any]) -> list[str]:
 
 def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _calibration_note(report: Mapping[str, Any]) -> str:
+    """How many calibrations it took, when one came out disturbed."""
+    attempts = report["calibration"].get("attempts", [])
+    if len(attempts) <= 1:
+        return ""
+    return f" (measured {len(attempts)} times: column 1 came out slower than the deepest)"
 
 
 def _saturation_note(report: Mapping[str, Any]) -> str:

@@ -13,9 +13,12 @@ from loadtest.cli import main
 from loadtest.report import read_csv
 from loadtest.samples import load_samples
 from loadtest.target import (
+    MAX_CALIBRATIONS,
     MAX_RAISES,
     TargetSpec,
     best_single_column,
+    calibrate,
+    calibration_disturbed,
     find_saturation,
     format_target,
     saturated,
@@ -73,6 +76,33 @@ def test_an_offer_the_server_keeps_up_with_is_raised_until_it_saturates() -> Non
     assert len(attempts) == MAX_RAISES + 1 and attempts[-1]["offered_rps"] == 3375.0
 
 
+def test_a_disturbed_calibration_is_measured_again() -> None:
+    assert not calibration_disturbed({1: 4.4, 2: 5.3, 3: 4.0, 4: 6.1})
+    assert not calibration_disturbed({1: 4.4, 2: 5.3, 3: 4.0, 4: 4.4})
+    assert calibration_disturbed({1: 22.7, 2: 13.5, 3: 8.1, 4: 7.7})  # deadlines 34.1-34.1
+    seen: list[str] = []
+
+    def step_of(p99_by_attempt: list[dict[int, float]]) -> Any:
+        def step(name: str, column: int) -> dict[str, Any]:
+            seen.append(name)
+            attempt = sum(n.startswith(f"calibrate-column{column}") for n in seen) - 1
+            return summary(1.0, None, p99=p99_by_attempt[attempt][column])
+
+        return step
+
+    slow_then_steady = [{1: 22.7, 2: 13.5, 3: 8.1, 4: 7.7}, {1: 4.4, 2: 5.3, 3: 4.0, 4: 6.1}]
+    runs, attempts = calibrate(step_of(slow_then_steady), 4)
+    assert attempts == [{str(k): v for k, v in a.items()} for a in slow_then_steady]
+    assert {k: s["latency_ms"]["p99"] for k, s in runs.items()} == slow_then_steady[1]
+    assert seen[:4] == [f"calibrate-column{k}" for k in range(1, 5)]
+    assert seen[4:] == [f"calibrate-column{k}-2" for k in range(1, 5)]
+    # Steady at once: measured once; never steady: measured MAX_CALIBRATIONS times.
+    seen.clear()
+    assert len(calibrate(step_of(slow_then_steady[1:]), 4)[1]) == 1
+    seen.clear()
+    assert len(calibrate(step_of(slow_then_steady[:1] * 3), 4)[1]) == MAX_CALIBRATIONS
+
+
 def test_the_printed_report_says_how_saturation_was_found() -> None:
     def report(attempts: list[tuple[float, float]]) -> dict[str, Any]:
         offered, achieved = attempts[-1]
@@ -96,6 +126,10 @@ def test_the_printed_report_says_how_saturation_was_found() -> None:
     assert "NOT saturated: it kept up with 1000 then 1500" in format_target(
         report([(1000.0, 990.0), (1500.0, 1490.0)])
     )
+    recalibrated = report([(1000.0, 800.0)])
+    assert "measured" not in format_target(recalibrated)
+    recalibrated["calibration"]["attempts"] = [{"1": 9.0, "4": 6.0}, {"1": 3.0, "4": 6.0}]
+    assert "1: 3.0 (measured 2 times: column 1 came out slower" in format_target(recalibrated)
 
 
 def test_best_single_column_reaching_a_hit_rate() -> None:
