@@ -212,11 +212,13 @@ class Engine:
             raise Unavailable("model not loaded yet", "not_ready", self.settings.retry_after_s)
         return self.model
 
-    def shed_early(self, arrival_s: float, deadline_ms: float, stamped: bool = False) -> None:
+    def shed_early(
+        self, arrival_s: float, deadline_ms: float, transit_ms: float | None = None
+    ) -> None:
         """At arrival, before the body is read and decoded: 503 for a request with a
         deadline when as many as the concurrency limit are in already, or when not even
         column 1 of one image can meet its deadline, the event loop's lag counted
-        (`arrival_s`: when the budget started; `stamped`: from X-Request-Start).
+        (`transit_ms`: its time on the way, from X-Request-Start, which the budget counts).
         Refusing here costs a fraction of refusing after decoding, so an overloaded server
         spends its time on the requests it can still answer in time."""
         model = self.model
@@ -229,10 +231,10 @@ class Engine:
         if self.admission.full_for(deadline_ms) or queue_full:
             self._count_shed()
             raise Unavailable("server at capacity", "queue_full", retry)
-        deadline_s = arrival_s + deadline_ms / 1000.0
+        deadline_s = arrival_s + (deadline_ms - (transit_ms or 0.0)) / 1000.0
         remaining = self._remaining_until(
             deadline_s, self._refuse_margin_ms
-        ) - self.loop_lag.allowance_ms(stamped)
+        ) - self.loop_lag.allowance_ms(stamped=transit_ms is not None)
         if self._completion_for(1, deadline_s, model)(model.fp32(1).candidate) > remaining:
             self._count_shed()
             raise Unavailable("no column can answer within the deadline", "deadline", retry)

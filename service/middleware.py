@@ -26,7 +26,7 @@ from service.engine import Engine
 from service.errors import INTERNAL_ERROR, BadRequest, ServiceError, Unavailable, error_response
 from service.jsonresponse import JSONResponse
 from service.metrics import Metrics
-from service.requests import parse_deadline_ms, transit_ms
+from service.requests import noted_transit_ms, parse_deadline_ms
 from service.warmup import WARMUP_STATE_KEY
 
 access_log = logging.getLogger("service.access")
@@ -60,13 +60,11 @@ class ObservabilityMiddleware:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         log_json: bool = True,
-        epoch_clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.clock = clock
         self.log_json = log_json
-        self.epoch_clock = epoch_clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +73,7 @@ class ObservabilityMiddleware:
         start = self.clock()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["arrival_s"] = start
-        state["arrival_epoch_s"] = self.epoch_clock()  # for X-Request-Start
+        state["arrival_epoch_s"] = time.time()  # for X-Request-Start
         request_id = request_id_from(scope.get("headers", []))
         state["request_id"] = request_id
         status = 500
@@ -188,9 +186,10 @@ class EarlyShedding:
         state = scope["state"]
         try:
             self._check_access(scope)
-            transit = self._transit_ms(scope)
-            start_s = state["arrival_s"] - (transit or 0.0) / 1000.0
-            self.engine.shed_early(start_s, deadline, stamped=transit is not None)
+            stamp = header(scope, b"x-request-start")
+            honor = self.engine.settings.honor_request_start
+            transit = noted_transit_ms(state, stamp, honor)  # a bad stamp: 400
+            self.engine.shed_early(state["arrival_s"], deadline, transit)
         except ServiceError as exc:
             # Answered before routing: name the endpoint for the metrics and the log.
             outcome = exc.reason if isinstance(exc, Unavailable) else None
@@ -223,19 +222,6 @@ class EarlyShedding:
         self.access.check_once(
             scope["state"], header(scope, b"authorization") or "", client[0] if client else None
         )
-
-    def _transit_ms(self, scope: Scope) -> float | None:
-        """The time on the way that the deadline counts (X-Request-Start; a bad stamp is a
-        400), noted for the metrics and the log (the route, if reached, notes it again);
-        None when not stamped."""
-        if not self.engine.settings.honor_request_start:
-            return None
-        state = scope["state"]
-        state["transit_ms"] = transit_ms(
-            header(scope, b"x-request-start"), state["arrival_epoch_s"]
-        )
-        transit: float | None = state["transit_ms"]
-        return transit
 
     def _deadline(self, scope: Scope) -> float | None:
         """The deadline of a `/v1/classify` request (None for other requests, and for a

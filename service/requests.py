@@ -99,18 +99,27 @@ def transit_ms(request_start: str | None, arrival_epoch_s: float) -> float | Non
     return max(arrival_epoch_s - start_s, 0.0) * 1000.0
 
 
-def stamped_transit_ms(request: Request, settings: Settings) -> float | None:
-    """The request's time on the way (`transit_ms`) when the server honours X-Request-Start,
-    noted in its state for the metrics and the access log; None when not stamped."""
-    if not settings.honor_request_start:
+def noted_transit_ms(state: dict[str, Any], request_start: str | None, honor: bool) -> float | None:
+    """The request's time on the way (`transit_ms`) when the server honours
+    X-Request-Start (`honor`), worked out once per request and noted in its ASGI `state`
+    for the arrival's judgement, the route, the metrics and the access log; None when not
+    stamped."""
+    if not honor:
         return None
-    state = request.state
-    arrival_epoch_s = getattr(state, "arrival_epoch_s", None)
-    if arrival_epoch_s is None:  # not seen by ObservabilityMiddleware
-        arrival_epoch_s = time.time()
-    transit = transit_ms(request.headers.get("x-request-start"), arrival_epoch_s)
-    state.transit_ms = transit
-    return transit
+    if "transit_ms" not in state:
+        arrival_epoch_s = state.get("arrival_epoch_s") or time.time()  # set by the middleware
+        state["transit_ms"] = transit_ms(request_start, arrival_epoch_s)
+    noted: float | None = state["transit_ms"]
+    return noted
+
+
+def stamped_transit_ms(request: Request, settings: Settings) -> float | None:
+    """`noted_transit_ms` for a route's request."""
+    return noted_transit_ms(
+        request.scope.setdefault("state", {}),
+        request.headers.get("x-request-start"),
+        settings.honor_request_start,
+    )
 
 
 def parse_column(value: str | None) -> int | None:
