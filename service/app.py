@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.access import Access
 from service.bundle import BundleError
+from service.cpuslice import loop_slice
 from service.engine import Engine
 from service.errors import (
     ServiceError,
@@ -60,7 +61,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with gil_switch_interval(settings.gil_switch_interval_ms):
+        with (
+            gil_switch_interval(settings.gil_switch_interval_ms),
+            loop_slice(settings.loop_slice_us),
+        ):
             async with _serving(app, engine):
                 yield
 

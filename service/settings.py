@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     """Opt-in: an idle server runs a batch predicted to take at most this long on the event
     loop instead of the inference thread (saves the hand-off at low load). 0, the default:
     onnxruntime always runs off the event loop."""
+    loop_slice_us: float | None = Field(default=None, ge=100, le=100_000)
+    """The CPU time slice the event loop's thread asks of the kernel (Linux 6.12 and later,
+    no privilege needed; `service/cpuslice.py`): shorter than the default (1.4 ms on 2
+    CPUs), the loop is picked sooner when a request wakes it while other threads hold the
+    CPUs. None: the kernel's default."""
     gil_switch_interval_ms: float | None = Field(default=None, gt=0, le=100)
     """How long Python lets a thread hold the GIL while another waits for it
     (`sys.setswitchinterval`); None: Python's default, 5 ms. The inference thread needs
