@@ -3,6 +3,7 @@ sched_setattr, read back through sched_getattr, put back after serving."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
 import re
@@ -28,11 +29,8 @@ def kernel_takes_slices() -> bool:
 
 def in_thread(work: Callable[[], Any]) -> Any:
     """`work()` on a thread of its own, so that the test's thread keeps its settings."""
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(work()))
-    thread.start()
-    thread.join()
-    return out[0]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(work).result()  # re-raises what `work` raised
 
 
 def test_the_slice_is_taken_while_asked_and_put_back_after() -> None:
