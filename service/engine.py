@@ -41,6 +41,12 @@ TIMER_GRANULARITY_MS = 1.0
 """How late an event loop timer may fire (epoll waits in whole milliseconds)."""
 
 
+def budget_start_s(arrival_s: float, transit_ms: float | None) -> float:
+    """When a request's budget started: its arrival, less its time on the way when it was
+    stamped (X-Request-Start)."""
+    return arrival_s - (transit_ms or 0.0) / 1000.0
+
+
 @dataclass(frozen=True)
 class Request:
     images: np.ndarray
@@ -55,8 +61,7 @@ class Request:
 
     @property
     def start_s(self) -> float:
-        """When the budget started: the arrival, less the time on the way when stamped."""
-        return self.arrival_s - (self.transit_ms or 0.0) / 1000.0
+        return budget_start_s(self.arrival_s, self.transit_ms)
 
     @property
     def deadline_s(self) -> float:
@@ -231,7 +236,7 @@ class Engine:
         if self.admission.full_for(deadline_ms) or queue_full:
             self._count_shed()
             raise Unavailable("server at capacity", "queue_full", retry)
-        deadline_s = arrival_s + (deadline_ms - (transit_ms or 0.0)) / 1000.0
+        deadline_s = budget_start_s(arrival_s, transit_ms) + deadline_ms / 1000.0
         remaining = self._remaining_until(
             deadline_s, self._refuse_margin_ms
         ) - self.loop_lag.allowance_ms(stamped=transit_ms is not None)
