@@ -25,7 +25,7 @@ from loadtest.report import format_table, summarize, write_csv, write_json
 from loadtest.samples import Sample, load_samples
 from loadtest.stalls import run_probed
 from loadtest.sweep import format_sweep, parse_grid, run_sweep
-from loadtest.target import TargetRun, format_target, run_target
+from loadtest.target import SATURATION_STEPS, TargetRun, format_target, run_target
 from service.protocol import LIVE_PATH, MODELS_PATH, column_count, model_classes
 
 log = logging.getLogger("loadtest")
@@ -124,6 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the server keeps up with it (default %(default)s)",
     )
     p.add_argument(
+        "--saturate-steps",
+        type=int,
+        default=SATURATION_STEPS,
+        help="--target steps at the offer that saturated the server, the first included; "
+        "the saturated throughput is their median (default %(default)s; 1: one step)",
+    )
+    p.add_argument(
         "--warmup",
         type=float,
         default=1.0,
@@ -141,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0 or args.saturate_rate <= 0:
         p.error("--rate, --duration and --saturate-rate must be positive")
+    if args.saturate_steps < 1:
+        p.error("--saturate-steps must be at least 1")
     if args.workers < 1 or args.concurrency < args.workers:
         p.error("need --workers >= 1 and --concurrency >= --workers")
     if args.column is not None and args.column < 1:
@@ -254,6 +263,7 @@ def target(args: argparse.Namespace, samples: list[Sample], models: dict[str, An
         args.seed,
         out=args.out,
         warmup_s=args.warmup,
+        saturation_steps=args.saturate_steps,
     )
     report = run_target(run)
     print(format_target(report))

@@ -102,6 +102,9 @@ def test_bad_arguments_and_unreachable_server(capsys: pytest.CaptureFixture[str]
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["--url", "http://127.0.0.1:9", "--sweep", "--deadlines", "5,x"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--url", "http://127.0.0.1:9", "--target", "--saturate-steps", "0"])
+    assert exc.value.code == 2
     with StubServer() as stub:
         url = stub.url
     assert main(["--url", url, "--duration", "0.2", "--timeout", "2"]) == 1

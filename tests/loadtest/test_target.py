@@ -21,7 +21,9 @@ from loadtest.target import (
     calibration_disturbed,
     find_saturation,
     format_target,
+    repeat_saturation,
     saturated,
+    saturated_throughput,
     target_deadlines,
     target_rate,
     verdict,
@@ -76,6 +78,26 @@ def test_an_offer_the_server_keeps_up_with_is_raised_until_it_saturates() -> Non
     assert len(attempts) == MAX_RAISES + 1 and attempts[-1]["offered_rps"] == 3375.0
 
 
+def test_the_saturated_throughput_is_the_median_of_steps_at_the_saturating_offer() -> None:
+    rates = iter([1300.0, 1110.0])
+    steps: list[tuple[str, float]] = []
+    pauses: list[int] = []
+
+    def step(name: str, offered_rps: float) -> dict[str, Any]:
+        steps.append((name, offered_rps))
+        return {"achieved_rate_rps": next(rates)}
+
+    measured = repeat_saturation(step, 1500.0, 1411.0, 3, lambda: pauses.append(1))
+    assert measured == [1411.0, 1300.0, 1110.0] and len(pauses) == 2
+    assert steps == [("saturate-again-2", 1500.0), ("saturate-again-3", 1500.0)]
+    # One fast step does not set the load; neither does one slow one.
+    assert saturated_throughput(measured) == 1300.0
+    assert saturated_throughput([1200.0, 600.0, 1210.0]) == 1200.0
+    # One step: that step, as before.
+    assert repeat_saturation(step, 1500.0, 1411.0, 1) == [1411.0]
+    assert saturated_throughput([1411.0]) == 1411.0 and len(steps) == 2
+
+
 def test_a_disturbed_calibration_is_measured_again() -> None:
     assert not calibration_disturbed({1: 4.4, 2: 5.3, 3: 4.0, 4: 6.1})
     assert not calibration_disturbed({1: 4.4, 2: 5.3, 3: 4.0, 4: 4.4})
@@ -120,6 +142,12 @@ def test_the_printed_report_says_how_saturation_was_found() -> None:
         }
 
     assert "800.0 answers/s\n" in format_target(report([(1000.0, 800.0)]))
+    repeated = report([(1000.0, 800.0)])
+    repeated["saturation"]["steps_rps"] = [800.0, 760.0, 820.0]
+    assert (
+        "800.0 answers/s (offered 1000 req/s; the median of 3 steps at the last offer: "
+        "800, 760, 820)" in format_target(repeated)
+    )
     assert "(offered 1000 then 1500 req/s)" in format_target(
         report([(1000.0, 990.0), (1500.0, 1100.0)])
     )
@@ -184,8 +212,11 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
         assert run["stalls"]["misses"] == counts["scheduled"] - counts["deadline_met"]
     attempts = report["saturation"]["attempts"]
-    assert attempts and attempts[-1]["achieved_rps"] == report["saturation"]["achieved_rps"]
+    rates = report["saturation"]["steps_rps"]
+    assert len(rates) == 3 and rates[0] == attempts[-1]["achieved_rps"]
+    assert report["saturation"]["achieved_rps"] == pytest.approx(sorted(rates)[1], abs=0.05)
     saturate = ["saturate"] + [f"saturate-{i}" for i in range(2, len(attempts) + 1)]
+    saturate += ["saturate-again-2", "saturate-again-3"]
     steps = {"calibrate-column1", "calibrate-column2", *saturate, "auto", "stream"}
     steps |= {"column1", "column2"}
     assert {p.stem for p in (out / "runs").iterdir()} == steps | {f"{s}-warmup" for s in steps}
