@@ -8,11 +8,11 @@
    answers per second it sustains are the saturated throughput, the rate at which every
    request could still get the best answer. Where the server kept up with the offer
    (`saturated`, pure), the offer was not enough: it is raised by half and the step run
-   again, up to `MAX_RAISES` times. The offer that saturated it is then run
-   `saturation_steps - 1` more times, and the saturated throughput is the median of the
-   steps at that offer (`saturated_throughput`, pure): one 10 s step found 1,107-1,411
-   answers/s within an hour on 2026-12-07, and a fast minute set a load the next ones
-   could not carry.
+   again, up to `MAX_RAISES` times. An offer that saturated it runs `saturation_steps`
+   times in all, and the saturated throughput is the median of those steps
+   (`saturated_throughput`, pure; where the median kept up after all, the offer is
+   raised): one 10 s step found 1,107-1,411 answers/s within an hour on 2026-12-07, and
+   a fast minute set a load the next ones could not carry.
 3. **Target load**: `load_share` (70 %) of that, with deadlines uniform between
    `low_factor` (1.5) x column 1's p99 and `high_factor` (2) x the deepest column's p99.
    At that load the same plan (same arrivals, images, deadlines) runs with the server
@@ -118,39 +118,36 @@ def find_saturation(
     step: Callable[[str, float], dict[str, Any]],
     offered_rps: float,
     pause: Callable[[], None] = lambda: None,
-) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Run the saturation `step` (name, offered rate) -> summary, raising the offer by
-    `RAISE_FACTOR` while the server keeps up with it, at most `MAX_RAISES` times, with a
-    `pause` after each step. Returns the last step's summary and every (offered, achieved)."""
+    steps: int = SATURATION_STEPS,
+) -> tuple[dict[str, Any], list[dict[str, float]], list[float]]:
+    """Run the saturation `step` (name, offered rate) -> summary, with a `pause` after
+    each. An offer is run once while the server keeps up with it, and raised by
+    `RAISE_FACTOR`; one it did not keep up with (and the last, after `MAX_RAISES`
+    raises) is run `steps` times in all (`<name>-again-2`, ...). Where the median of
+    those shows the server kept up after all (the first step caught a slow spell), the
+    offer is raised too. Returns the last step's summary, every (offered, achieved), and
+    the answer rates of the steps at the last offer."""
     attempts: list[dict[str, float]] = []
     for raises in range(MAX_RAISES + 1):
-        summary = step("saturate" if raises == 0 else f"saturate-{raises + 1}", offered_rps)
-        achieved = summary["achieved_rate_rps"]
-        attempts.append({"offered_rps": offered_rps, "achieved_rps": achieved})
-        pause()
-        if saturated(offered_rps, achieved) or raises == MAX_RAISES:
+        name = "saturate" if raises == 0 else f"saturate-{raises + 1}"
+        last = raises == MAX_RAISES
+        rates: list[float] = []
+        for again in range(1, steps + 1):
+            summary = step(name if again == 1 else f"{name}-again-{again}", offered_rps)
+            rates.append(summary["achieved_rate_rps"])
+            attempts.append({"offered_rps": offered_rps, "achieved_rps": rates[-1]})
+            pause()
+            if not (last or saturated(offered_rps, rates[0])):
+                break
+        if last or saturated(offered_rps, saturated_throughput(rates)):
             break
         log.info(
-            "the server kept up with %s req/s (%s answers/s): offering more", offered_rps, achieved
+            "the server kept up with %s req/s (%s answers/s): offering more",
+            offered_rps,
+            saturated_throughput(rates),
         )
         offered_rps = round(offered_rps * RAISE_FACTOR, 1)
-    return summary, attempts
-
-
-def repeat_saturation(
-    step: Callable[[str, float], dict[str, Any]],
-    offered_rps: float,
-    first_rps: float,
-    steps: int,
-    pause: Callable[[], None] = lambda: None,
-) -> list[float]:
-    """The answer rates of `steps` saturation steps at `offered_rps`: the one already run
-    (`first_rps`), then `steps - 1` more (`saturate-again-2`, ...), each with a `pause`."""
-    rates = [first_rps]
-    for again in range(2, steps + 1):
-        rates.append(step(f"saturate-again-{again}", offered_rps)["achieved_rate_rps"])
-        pause()
-    return rates
+    return summary, attempts, rates
 
 
 def saturated_throughput(rates_rps: Sequence[float]) -> float:
@@ -278,11 +275,10 @@ def run_target(run: TargetRun) -> dict[str, Any]:
     def recover() -> None:
         time.sleep(RECOVER_S)
 
-    saturation, attempts = find_saturation(saturate, run.saturate_rps, recover)
-    offered = attempts[-1]["offered_rps"]
-    rates = repeat_saturation(
-        saturate, offered, attempts[-1]["achieved_rps"], run.saturation_steps, recover
+    saturation, attempts, rates = find_saturation(
+        saturate, run.saturate_rps, recover, run.saturation_steps
     )
+    offered = attempts[-1]["offered_rps"]
     achieved = saturated_throughput(rates)
     rate = target_rate(achieved, run.spec)
     low, high = target_deadlines(p99, run.spec)
@@ -393,7 +389,7 @@ def _saturation_note(report: Mapping[str, Any]) -> str:
     """How the saturation was found, where it took more than the first offer."""
     saturation = report["saturation"]
     attempts = saturation.get("attempts") or []
-    offers = " then ".join(f"{a['offered_rps']:g}" for a in attempts)
+    offers = " then ".join(f"{o:g}" for o in dict.fromkeys(a["offered_rps"] for a in attempts))
     rates = saturation.get("steps_rps") or []
     median = (
         f"; the median of {len(rates)} steps at the last offer: "

@@ -21,7 +21,6 @@ from loadtest.target import (
     calibration_disturbed,
     find_saturation,
     format_target,
-    repeat_saturation,
     saturated,
     saturated_throughput,
     target_deadlines,
@@ -51,12 +50,16 @@ def test_deadlines_and_rate_follow_the_spec() -> None:
     assert target_rate(400.0, SPEC) == 280.0
 
 
-def server_of(capacity_rps: float, steps: list[str]) -> Any:
-    """A saturation step against a server that answers at most `capacity_rps`."""
+def server_of(capacity_rps: float | list[float], steps: list[str]) -> Any:
+    """A saturation step against a server that answers at most `capacity_rps` (or, step
+    after step, each capacity of a list)."""
+    capacities = iter(capacity_rps) if isinstance(capacity_rps, list) else None
 
     def step(name: str, offered_rps: float) -> dict[str, Any]:
         steps.append(name)
-        return {"achieved_rate_rps": min(offered_rps, capacity_rps) * 0.99}
+        capacity = next(capacities) if capacities is not None else capacity_rps
+        assert isinstance(capacity, float)
+        return {"achieved_rate_rps": min(offered_rps, capacity) * 0.99}
 
     return step
 
@@ -65,37 +68,46 @@ def test_an_offer_the_server_keeps_up_with_is_raised_until_it_saturates() -> Non
     assert saturated(1000.0, 940.0) and not saturated(1000.0, 960.0)
     steps: list[str] = []
     pauses: list[int] = []
-    summary, attempts = find_saturation(server_of(1600.0, steps), 1000.0, lambda: pauses.append(1))
+    summary, attempts, rates = find_saturation(
+        server_of(1600.0, steps), 1000.0, lambda: pauses.append(1), steps=1
+    )
     assert [a["offered_rps"] for a in attempts] == [1000.0, 1500.0, 2250.0]
     assert summary["achieved_rate_rps"] == attempts[-1]["achieved_rps"] == 1584.0
+    assert rates == [1584.0]
     assert steps == ["saturate", "saturate-2", "saturate-3"] and len(pauses) == 3
     # An offer the server cannot keep up with is measured once.
     steps.clear()
-    _, attempts = find_saturation(server_of(600.0, steps), 1000.0)
+    _, attempts, _ = find_saturation(server_of(600.0, steps), 1000.0, steps=1)
     assert steps == ["saturate"] and attempts[0]["achieved_rps"] == 594.0
     # A server that keeps up with every offer: the last one is a lower bound, said so.
-    _, attempts = find_saturation(server_of(float("inf"), []), 1000.0)
+    _, attempts, _ = find_saturation(server_of(float("inf"), []), 1000.0, steps=1)
     assert len(attempts) == MAX_RAISES + 1 and attempts[-1]["offered_rps"] == 3375.0
 
 
 def test_the_saturated_throughput_is_the_median_of_steps_at_the_saturating_offer() -> None:
-    rates = iter([1300.0, 1110.0])
-    steps: list[tuple[str, float]] = []
+    steps: list[str] = []
     pauses: list[int] = []
-
-    def step(name: str, offered_rps: float) -> dict[str, Any]:
-        steps.append((name, offered_rps))
-        return {"achieved_rate_rps": next(rates)}
-
-    measured = repeat_saturation(step, 1500.0, 1411.0, 3, lambda: pauses.append(1))
-    assert measured == [1411.0, 1300.0, 1110.0] and len(pauses) == 2
-    assert steps == [("saturate-again-2", 1500.0), ("saturate-again-3", 1500.0)]
+    # Kept up with 1000, then 1500 saturated it: three steps there, a fast one among them.
+    step = server_of([2000.0, 1425.0, 1313.0, 1121.0], steps)
+    _, attempts, rates = find_saturation(step, 1000.0, lambda: pauses.append(1))
+    assert steps == ["saturate", "saturate-2", "saturate-2-again-2", "saturate-2-again-3"]
+    assert [a["offered_rps"] for a in attempts] == [1000.0, 1500.0, 1500.0, 1500.0]
+    assert len(pauses) == 4
+    assert rates == pytest.approx([1410.75, 1299.87, 1109.79])
     # One fast step does not set the load; neither does one slow one.
-    assert saturated_throughput(measured) == 1300.0
+    assert saturated_throughput(rates) == 1299.9
     assert saturated_throughput([1200.0, 600.0, 1210.0]) == 1200.0
-    # One step: that step, as before.
-    assert repeat_saturation(step, 1500.0, 1411.0, 1) == [1411.0]
-    assert saturated_throughput([1411.0]) == 1411.0 and len(steps) == 2
+    # A first step in a slow spell: the median kept up with the offer, which is raised.
+    steps.clear()
+    step = server_of([700.0, 2000.0, 2000.0, 1300.0, 1250.0, 1400.0], steps)
+    _, attempts, rates = find_saturation(step, 1000.0)
+    assert steps[:3] == ["saturate", "saturate-again-2", "saturate-again-3"]
+    assert steps[3:] == ["saturate-2", "saturate-2-again-2", "saturate-2-again-3"]
+    assert saturated_throughput(rates) == 1287.0
+    # The last offer is measured in full even where the server kept up with it.
+    steps.clear()
+    _, attempts, rates = find_saturation(server_of(float("inf"), steps), 1000.0)
+    assert len(steps) == MAX_RAISES + 3 and len(rates) == 3
 
 
 def test_a_disturbed_calibration_is_measured_again() -> None:
@@ -213,10 +225,12 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert run["stalls"]["misses"] == counts["scheduled"] - counts["deadline_met"]
     attempts = report["saturation"]["attempts"]
     rates = report["saturation"]["steps_rps"]
-    assert len(rates) == 3 and rates[0] == attempts[-1]["achieved_rps"]
+    assert rates == [a["achieved_rps"] for a in attempts[-3:]]
+    assert len({a["offered_rps"] for a in attempts[-3:]}) == 1
     assert report["saturation"]["achieved_rps"] == pytest.approx(sorted(rates)[1], abs=0.05)
-    saturate = ["saturate"] + [f"saturate-{i}" for i in range(2, len(attempts) + 1)]
-    saturate += ["saturate-again-2", "saturate-again-3"]
+    saturate = {p.stem for p in (out / "runs").glob("saturate*") if "warmup" not in p.stem}
+    assert len(saturate) == len(attempts) and "saturate" in saturate
+    assert any(name.endswith("-again-3") for name in saturate)
     steps = {"calibrate-column1", "calibrate-column2", *saturate, "auto", "stream"}
     steps |= {"column1", "column2"}
     assert {p.stem for p in (out / "runs").iterdir()} == steps | {f"{s}-warmup" for s in steps}
