@@ -95,6 +95,8 @@ class Result:
     scheduled_s: float
     label: str
     deadline_ms: float | None
+    image: int | None = None
+    """Which image of the sample list it sent (the same index means the same image)."""
     send_s: float | None = None
     latency_ms: float | None = None
     server_ms: float | None = None
@@ -341,6 +343,7 @@ async def run_share(
                 arrival.at_s,
                 label=sample.label if sample else "",
                 deadline_ms=_deadline(arrival),
+                image=arrival.sample if sample else None,
             )
             if len(in_flight) >= bound:
                 result.dropped = True

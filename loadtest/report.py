@@ -61,6 +61,15 @@ def _accuracy(results: Iterable[Result]) -> tuple[int, float | None]:
     return len(checked), _ratio(sum(checked), len(checked))
 
 
+def _images(results: Iterable[Result]) -> int | None:
+    """How many distinct images the checked answers were for (None where the rows do not
+    say): answers for the same image are not independent evidence of accuracy."""
+    checked = [r for r in results if r.ok and r.correct is not None]
+    if any(r.image is None for r in checked):
+        return None
+    return len({r.image for r in checked})
+
+
 def late_answers(results: Iterable[Result]) -> dict[str, int]:
     """Completed answers past their deadline, by where the time went (module docstring)."""
     late = [r for r in results if r.ok and not r.deadline_met and r.deadline_ms is not None]
@@ -162,6 +171,7 @@ def summarize(
         "error_rate": _ratio(errors, scheduled),
         "accuracy": accuracy,
         "accuracy_checked": checked,
+        "accuracy_images": _images(completed),
         "correct_in_time_rate": _ratio(correct_in_time, scheduled),
         "accuracy_by_column": by_column,
         "columns_served": {str(c): n for c, n in sorted(served.items())},
@@ -291,6 +301,8 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{stalls['misses_near_stalls']} of {stalls['misses']}",
             )
         )
+        if stalls.get("steal_ms") is not None:
+            rows.append(("CPU time stolen by the hypervisor (ms)", _fmt(stalls["steal_ms"])))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {_fmt(value)}" for name, value in rows)
 
@@ -330,6 +342,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "scheduled_s": float,
     "label": str,
     "deadline_ms": _opt(float),
+    "image": _opt(int),
     "send_s": _opt(float),
     "latency_ms": _opt(float),
     "server_ms": _opt(float),

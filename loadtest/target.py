@@ -19,8 +19,9 @@
    choosing, as streams, and with each column forced.
 4. **Verdict** (`verdict`, a pure function): the server's hit rate is at least
    `hit_rate` (99.5 %); its accuracy is at least that of the most accurate single column
-   whose hit rate is at least the server's (less that accuracy's standard error: the
-   two are measured on different sets of answers); and a stream's first answer (p99) comes
+   whose hit rate is at least the server's (less that accuracy's standard error over the
+   distinct images answered: the two are measured on different sets of answers, drawn
+   from a finite set of images); and a stream's first answer (p99) comes
    within column 1's p99 at that load (forced, single answer) plus `stream_slack_ms`.
 """
 
@@ -206,8 +207,11 @@ def verdict(
 
 
 def _standard_error(accuracy: float, summary: Mapping[str, Any]) -> float:
-    checked = summary.get("accuracy_checked") or 0
-    return math.sqrt(accuracy * (1.0 - accuracy) / checked) if checked else 0.0
+    """The standard error of a run's accuracy, over the distinct images its answers were
+    for where the summary says (else over its answers): 7,600 answers drawn from the
+    200 images shipped in loadtest/samples/ measure those 200 images, not 7,600."""
+    images = summary.get("accuracy_images") or summary.get("accuracy_checked") or 0
+    return math.sqrt(accuracy * (1.0 - accuracy) / images) if images else 0.0
 
 
 @dataclass(frozen=True)
@@ -336,7 +340,7 @@ def format_target(report: Mapping[str, Any]) -> str:
         "",
         f"{'mode':10s} {'hit rate':>9s} {'accuracy':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
         f"{'shed':>7s} {'first p99':>10s} {'late srv/out':>13s} {'out p99':>8s} "
-        f"{'stalls':>7s} {'misses near':>12s}  columns served",
+        f"{'stalls':>7s} {'misses near':>12s} {'stolen ms':>10s}  columns served",
     ]
     for mode, s in report["runs"].items():
         first = (s.get("stream_first_answer_ms") or {}).get("p99")
@@ -349,7 +353,8 @@ def format_target(report: Mapping[str, Any]) -> str:
             f"{mode:10s} {_num(s['deadline_hit_rate'], 4):>9s} {_num(s['accuracy'], 4):>9s} "
             f"{_num(s['latency_ms']['p50'], 2):>8s} {_num(s['latency_ms']['p99'], 2):>8s} "
             f"{_num(s['shed_rate'], 4):>7s} {_num(first, 2):>10s} {split:>13s} "
-            f"{_num(outside, 2):>8s} {stalls.get('count', '-')!s:>7s} {near:>12s}  "
+            f"{_num(outside, 2):>8s} {stalls.get('count', '-')!s:>7s} {near:>12s} "
+            f"{_num(stalls.get('steal_ms'), 0):>10s}  "
             f"{s['columns_served']}"
         )
     lines.append("")

@@ -62,6 +62,11 @@ def test_the_summary_keeps_the_stall_report_and_prints_it() -> None:
     table = format_table(summary)
     assert "machine stalls >= 20 ms: count, longest (ms)  1, 30" in table
     assert "misses during or just after one" in table and "1 of 1" in table
+    assert "stolen by the hypervisor" not in table  # not known: not printed
+    stolen = stall_report(results, [], origin_s=0.0, steal_ms=1450.0)
+    assert "CPU time stolen by the hypervisor (ms)" in format_table(
+        summarize(results, 2.0, 1.0, stolen)
+    )
     assert summarize(results, 2.0, 1.0)["stalls"] is None
 
 

@@ -73,6 +73,11 @@ def test_accuracy_overall_and_per_column() -> None:
     assert by["1"]["accuracy"] == pytest.approx(0.5)
     assert by["2"]["accuracy"] == 1.0 and by["3"]["accuracy"] == 1.0
     assert sum(v["answers"] for v in by.values()) == s["counts"]["completed"]
+    assert s["accuracy_checked"] == 5 and s["accuracy_images"] is None  # rows without images
+    images = synthetic()
+    for r, image in zip(images[:5], (7, 3, 7, 7, 3), strict=True):
+        r.image = image
+    assert summarize(images, 10.0, 1.0)["accuracy_images"] == 2
 
 
 def test_latency_percentiles_use_completed_answers_only() -> None:
@@ -183,6 +188,7 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     results[0].first_answer_ms = 3.25
     results[1].server_ms = 7.125
     results[1].queue_ms, results[1].inference_ms = 0.5, 2.25
+    results[2].image = 17
     path = tmp_path / "results.csv"
     write_csv(path, results)
     back = read_csv(path)

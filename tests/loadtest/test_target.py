@@ -189,6 +189,12 @@ def test_verdict_each_target() -> None:
     columns[1]["accuracy_checked"] = 2500  # standard error 0.0098
     tie = verdict(summary(0.997, 0.595), summary(0.99, 0.7, first=5.5), columns, SPEC)
     assert tie["accuracy"]["met"] and tie["accuracy"]["standard_error"] == pytest.approx(0.0098)
+    # The answers were for 200 distinct images: the error is that of 200 images.
+    columns[1]["accuracy_images"] = 200  # standard error 0.0346
+    few = verdict(summary(0.997, 0.57), summary(0.99, 0.7, first=5.5), columns, SPEC)
+    assert few["accuracy"]["met"] and few["accuracy"]["standard_error"] == pytest.approx(0.0346)
+    assert not verdict(summary(0.997, 0.56), summary(0.99, 0.7), columns, SPEC)["accuracy"]["met"]
+    del columns[1]["accuracy_images"]
     bad = verdict(summary(0.99, 0.55), summary(0.99, 0.7, first=6.5), columns, SPEC)
     assert not any(v["met"] for v in bad.values())
     # At a hit rate no single column reaches, there is no accuracy to fall short of.
@@ -218,7 +224,7 @@ def test_target_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert report["load"]["deadline"] == f"uniform:{low:g}:{high:g}"
     assert set(report["runs"]) == {"auto", "stream", "column 1", "column 2"}
     assert report["runs"]["stream"]["stream_first_answer_ms"]["p99"] is not None
-    assert "stalls  misses near" in printed
+    assert "stalls  misses near  stolen ms" in printed
     for run in report["runs"].values():
         counts = run["counts"]
         assert counts["scheduled"] == counts["sent"] + counts["dropped"] > 0
