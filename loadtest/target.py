@@ -139,10 +139,15 @@ def calibrate(
         p99 = {k: s["latency_ms"]["p99"] for k, s in kept.items()}
         if not (stolen or calibration_disturbed(p99)):
             break
-        if stolen:
-            log.info("calibration disturbed (CPU stolen in column %s's steps): again", stolen)
+        why = (
+            f"CPU stolen in the steps of columns {stolen}"
+            if stolen
+            else f"column 1 slower than column {columns}"
+        )
+        if attempt + 1 == MAX_CALIBRATIONS:
+            log.warning("calibration still disturbed (%s): the least disturbed steps kept", why)
         else:
-            log.info("calibration disturbed (column 1 slower than column %d): again", columns)
+            log.info("calibration disturbed (%s): again", why)
         todo = stolen or list(range(1, columns + 1))
     return dict(sorted(kept.items())), attempts
 

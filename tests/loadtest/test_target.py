@@ -139,7 +139,9 @@ def test_a_disturbed_calibration_is_measured_again() -> None:
     assert len(calibrate(step_of(slow_then_steady[:1] * 3), 4)[1]) == MAX_CALIBRATIONS
 
 
-def test_a_calibration_step_that_lost_cpu_to_the_hypervisor_is_measured_again() -> None:
+def test_a_calibration_step_that_lost_cpu_to_the_hypervisor_is_measured_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     def measured(p99: float, steal_ms: float | None) -> dict[str, Any]:
         return {**summary(1.0, None, p99=p99), "duration_s": 10.0, "stalls": {"steal_ms": steal_ms}}
 
@@ -176,8 +178,10 @@ def test_a_calibration_step_that_lost_cpu_to_the_hypervisor_is_measured_again() 
     assert len(attempts) == 2 and runs[4]["latency_ms"]["p99"] == 5.5
     plan["calibrate-column4-2"] = measured(40.0, 900.0)
     plan["calibrate-column4-3"] = measured(35.0, 600.0)
+    caplog.clear()
     runs, attempts = calibrate(step, 4)
     assert len(attempts) == MAX_CALIBRATIONS and runs[4]["latency_ms"]["p99"] == 28.2
+    assert "still disturbed (CPU stolen in the steps of columns [4])" in caplog.text
 
 
 def test_the_printed_report_says_how_saturation_was_found() -> None:
