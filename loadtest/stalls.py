@@ -53,9 +53,12 @@ class Stall:
 def _watch(threshold_ms: float, ready: Any, stop: Any, out: Any) -> None:
     stalls: list[tuple[float, float]] = []
     steal: list[tuple[float, float]] = []
+    parent = os.getppid()
     ready.set()
     before = next_steal = time.monotonic()
     while not stop.is_set():
+        if os.getppid() != parent:
+            return  # the harness was killed: an orphaned probe would spin on forever
         time.sleep(SLEEP_S)
         now = time.monotonic()
         late_ms = (now - before - SLEEP_S) * 1000.0

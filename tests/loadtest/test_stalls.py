@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +100,36 @@ def test_the_probe_reads_the_steal_time_through_the_run() -> None:
     assert len(times) >= 4 and times == sorted(times)  # start, every 0.1 s, end
     assert probe.steal_ms is not None and probe.steal_ms >= 0.0
     assert probe.report([], skip_s=0.2)["steal_ms"] is not None
+
+
+def test_the_probe_ends_when_the_harness_is_killed() -> None:
+    """A harness killed without its clean-up (SIGKILL, or SIGTERM's default) leaves no
+    probe behind spinning on the CPUs that later runs measure."""
+    code = (
+        "import time\n"
+        "from loadtest.stalls import StallProbe\n"
+        "probe = StallProbe().__enter__()\n"
+        "print(probe._proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    harness = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert harness.stdout is not None
+    child = int(harness.stdout.readline())
+    assert running(child)
+    harness.kill()
+    harness.wait(timeout=10)
+    deadline = time.monotonic() + 10.0
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if running(child):
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the probe outlived its harness")
+
+
+def running(pid: int) -> bool:
+    """Whether a process runs (an exited one not yet reaped, a zombie, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
