@@ -56,15 +56,19 @@ def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 6) if den else None
 
 
+def _checked(results: Iterable[Result]) -> list[Result]:
+    """The answers whose correctness is known."""
+    return [r for r in results if r.ok and r.correct is not None]
+
+
 def _accuracy(results: Iterable[Result]) -> tuple[int, float | None]:
-    checked = [r.correct for r in results if r.ok and r.correct is not None]
-    return len(checked), _ratio(sum(checked), len(checked))
+    checked = _checked(results)
+    return len(checked), _ratio(sum(bool(r.correct) for r in checked), len(checked))
 
 
-def _images(results: Iterable[Result]) -> int | None:
-    """How many distinct images the checked answers were for (None where the rows do not
-    say): answers for the same image are not independent evidence of accuracy."""
-    checked = [r for r in results if r.ok and r.correct is not None]
+def _images(checked: Sequence[Result]) -> int | None:
+    """How many distinct images the `checked` answers were for (None where the rows do
+    not say): answers for the same image are not independent evidence of accuracy."""
     if any(r.image is None for r in checked):
         return None
     return len({r.image for r in checked})
@@ -138,7 +142,8 @@ def summarize(
     for column in sorted(served):
         answers, acc = _accuracy(r for r in completed if r.column == column)
         by_column[str(column)] = {"answers": served[column], "checked": answers, "accuracy": acc}
-    checked, accuracy = _accuracy(completed)
+    known = _checked(completed)
+    checked, accuracy = _accuracy(known)
     lags = [max(r.send_s - r.scheduled_s, 0.0) * 1000.0 for r in results if r.send_s is not None]
     firsts = [r.first_answer_ms for r in completed if r.first_answer_ms is not None]
     outside = [
@@ -171,7 +176,7 @@ def summarize(
         "error_rate": _ratio(errors, scheduled),
         "accuracy": accuracy,
         "accuracy_checked": checked,
-        "accuracy_images": _images(completed),
+        "accuracy_images": _images(known),
         "correct_in_time_rate": _ratio(correct_in_time, scheduled),
         "accuracy_by_column": by_column,
         "columns_served": {str(c): n for c, n in sorted(served.items())},

@@ -57,14 +57,14 @@ def _watch(threshold_ms: float, ready: Any, stop: Any, out: Any) -> None:
     ready.set()
     before = next_steal = time.monotonic()
     while not stop.is_set():
-        if os.getppid() != parent:
-            return  # the harness was killed: an orphaned probe would spin on forever
         time.sleep(SLEEP_S)
         now = time.monotonic()
         late_ms = (now - before - SLEEP_S) * 1000.0
         if late_ms >= threshold_ms:
             stalls.append((now, late_ms))
         if now >= next_steal:
+            if os.getppid() != parent:
+                return  # the harness was killed: an orphaned probe would spin on forever
             stolen = stolen_ms()
             if stolen is not None:
                 steal.append((now, stolen))

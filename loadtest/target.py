@@ -177,12 +177,11 @@ def find_saturation(
             pause()
             if not (last or saturated(offered_rps, rates[0])):
                 break
-        if last or saturated(offered_rps, saturated_throughput(rates)):
+        median = saturated_throughput(rates)
+        if last or saturated(offered_rps, median):
             break
         log.info(
-            "the server kept up with %s req/s (%s answers/s): offering more",
-            offered_rps,
-            saturated_throughput(rates),
+            "the server kept up with %s req/s (%s answers/s): offering more", offered_rps, median
         )
         offered_rps = round(offered_rps * RAISE_FACTOR, 1)
     return summary, attempts, rates
