@@ -11,6 +11,7 @@ from service.scheduling import (
     Waiting,
     backlog_ms,
     choose_variant,
+    frontier,
     next_stream_column,
     pick_queue,
     plan_batch,
@@ -85,19 +86,25 @@ def test_a_thrifty_choice_takes_accuracy_that_costs_little_time() -> None:
     assert choose_variant(CANDIDATES, 19.9, alone, 55.0).key == "column_1"  # type: ignore[union-attr]
 
 
-def test_int8_wins_only_on_accuracy() -> None:
+def test_of_equally_accurate_variants_the_one_predicted_to_finish_first_serves() -> None:
     int8_good = Candidate("column_2_int8", 2, "int8", 0.80)
     int8_worse = Candidate("column_2_int8", 2, "int8", 0.79)
-    # Equal accuracy: the fp32 one is preferred when both fit.
-    assert choose_variant([*CANDIDATES[:2], int8_good], 25, alone).key == "column_2"  # type: ignore[union-attr]
-    # Only the faster int8 fits: it serves.
+    # Equal accuracy: int8 is predicted to finish first (12 ms against 20), it serves;
+    # predicted slower, fp32 serves; predicted to finish together, fp32.
+    assert choose_variant([*CANDIDATES[:2], int8_good], 25, alone).key == "column_2_int8"  # type: ignore[union-attr]
+    slow_int8 = {**COST, "column_2_int8": 30.0}
+    ms = lambda c: slow_int8[c.key]  # noqa: E731
+    assert choose_variant([*CANDIDATES[:2], int8_good], 35, ms).key == "column_2"  # type: ignore[union-attr]
+    assert choose_variant([*CANDIDATES[:2], int8_good], 35, lambda c: 1.0).key == "column_2"  # type: ignore[union-attr]
+    # Less accurate: fp32 serves although int8 is quicker; only when it alone fits, int8.
+    assert choose_variant([*CANDIDATES[:2], int8_worse], 25, alone).key == "column_2"  # type: ignore[union-attr]
     assert choose_variant([*CANDIDATES[:2], int8_worse], 15, alone).key == "column_2_int8"  # type: ignore[union-attr]
 
 
 def test_accuracies_within_the_tie_count_as_equal() -> None:
     """An int8 variant one test image more accurate than its fp32 column is a tie, and
-    fp32 serves; beyond the tie accuracy rules again, and the tie never makes a variant
-    that does not fit serve."""
+    (predicted to finish together) fp32 serves; beyond the tie accuracy rules again, and
+    the tie never makes a variant that does not fit serve."""
     column_4, column_4_int8 = (
         Candidate("column_4", 4, "fp32", 0.8550),
         Candidate("column_4_int8", 4, "int8", 0.8551),
@@ -266,3 +273,24 @@ def test_backlog_is_the_running_rest_and_queued_work_per_worker() -> None:
     assert backlog_ms(1.5, waiting, cost_ms, workers=1) == 1.5 + 4 * 0.5 + 2 * 3.0
     assert backlog_ms(0.0, waiting, cost_ms, workers=2) == 4.0
     assert backlog_ms(0.0, [], cost_ms, workers=1) == 0.0
+
+
+def test_the_frontier_keeps_what_no_mix_of_others_beats() -> None:
+    """Cheapest first; a column dearer and no more accurate than a cheaper one is off, and
+    so is one under (or on) the chord between its neighbours."""
+    costed = [(c, COST[c.key]) for c in CANDIDATES]
+    # 0.70, 0.80, 0.85, 0.88 at 5, 20, 60, 150 ms: slopes fall, every column is on it.
+    assert [c.key for c in frontier(costed)] == ["column_1", "column_2", "column_3", "column_4"]
+    hair = Candidate("column_3", 3, "fp32", 0.81)  # the chord 2-4 is at 0.835 for 60 ms
+    bent = [costed[0], costed[1], (hair, 60.0), costed[3]]
+    assert [c.key for c in frontier(bent)] == ["column_1", "column_2", "column_4"]
+    chord = 0.80 + (0.88 - 0.80) * (60.0 - 20.0) / (150.0 - 20.0)
+    on_chord = Candidate("column_3", 3, "fp32", chord)
+    assert "column_3" not in [c.key for c in frontier([costed[1], (on_chord, 60.0), costed[3]])]
+    # Dearer and no more accurate: off, whatever the order given.
+    slow_int8 = Candidate("column_2_int8", 2, "int8", 0.80)
+    assert [c.key for c in frontier([(slow_int8, 30.0), *costed[:2]])] == ["column_1", "column_2"]
+    # Equal cost: the more accurate one stays.
+    fast_int8 = Candidate("column_2_int8", 2, "int8", 0.82)
+    assert [c.key for c in frontier([costed[1], (fast_int8, 20.0)])] == ["column_2_int8"]
+    assert frontier([]) == []
