@@ -13,7 +13,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from service.scheduling import (
     Candidate,
     backlog_ms,
     choose_variant,
-    frontier,
     next_stream_column,
     predict_completion_ms,
     quickest_within,
@@ -329,16 +328,14 @@ class Engine:
 
     def _candidates(self, request: Request, model: LoadedModel) -> list[Candidate]:
         if request.column is None:
-            n = int(request.images.shape[0])
-            variants: Iterable[VariantRuntime] = model.variants.values()
+            variants = model.variants.values()
             bounding = self._bounding_deeper()
-            if bounding or self.settings.two_views:
-                # Column 1's run is predicted once, not once a variant.
-                column_1_ms = model.fp32(1).predict_ms(n) if bounding else None
-                variants = [v for v in variants if self._may_serve(v, n, column_1_ms, model)]
-            if self.settings.frontier_when_tight and self._tight():
-                variants = _on_frontier(variants, n)
-            return [v.candidate for v in variants]
+            if not bounding and not self.settings.two_views:  # nothing to judge
+                return [v.candidate for v in variants]
+            n = int(request.images.shape[0])
+            # Column 1's run is predicted once, not once a variant.
+            column_1_ms = model.fp32(1).predict_ms(n) if bounding else None
+            return [v.candidate for v in variants if self._may_serve(v, n, column_1_ms, model)]
         variant = model.find(request.column, request.precision, request.views)
         if variant is None:
             raise BadRequest(
@@ -622,14 +619,6 @@ class Engine:
         """Called from the inference threads too (the metric takes its own lock)."""
         if not self.warming:
             self.metrics.child(self.metrics.inference_handoff, direction).observe(ms / 1e3)
-
-
-def _on_frontier(variants: Iterable[VariantRuntime], n: int) -> list[VariantRuntime]:
-    """The variants on the efficient frontier of predicted cost for `n` images and
-    manifest accuracy, among those the other rules let compete (`frontier_when_tight`)."""
-    by_key = {v.key: v for v in variants}
-    on = frontier([(v.candidate, v.predict_ms(n)) for v in by_key.values()])
-    return [by_key[c.key] for c in on]
 
 
 def _cost_of(model: LoadedModel, idle_ms: float = 0.0) -> Callable[[str, int], float]:

@@ -127,40 +127,6 @@ def most_accurate(timed: Sequence[tuple[float, Candidate]], accuracy_tie: float 
     return chosen
 
 
-def frontier(costed: Sequence[tuple[Candidate, float]]) -> list[Candidate]:
-    """The candidates on the efficient frontier of (predicted cost in ms, manifest
-    accuracy): the upper concave hull, cheapest first.
-
-    A candidate off it is beaten by a mix of its neighbours on the frontier: serving some
-    requests the cheaper neighbour and some the dearer one gives more accuracy for the
-    same CPU time. A candidate no more accurate than a cheaper one (equal cost: the more
-    accurate wins) is off it, and so is one on or under the chord between its neighbours.
-    While deadlines are tight the CPU time is shared, and only the frontier competes."""
-    ordered = sorted(costed, key=lambda t: (t[1], -t[0].score()))
-    pareto: list[tuple[Candidate, float]] = []
-    for candidate, cost_ms in ordered:
-        if not pareto or candidate.score() > pareto[-1][0].score():
-            pareto.append((candidate, cost_ms))
-    hull: list[tuple[Candidate, float]] = []
-    for point in pareto:
-        while len(hull) >= 2 and not _above_chord(hull[-2], hull[-1], point):
-            hull.pop()
-        hull.append(point)
-    return [candidate for candidate, _ in hull]
-
-
-def _above_chord(
-    left: tuple[Candidate, float], middle: tuple[Candidate, float], right: tuple[Candidate, float]
-) -> bool:
-    """Whether `middle` lies strictly above the line from `left` to `right` (costs in
-    increasing order, accuracies too)."""
-    (a, a_ms), (b, b_ms), (c, c_ms) = left, middle, right
-    if c_ms == a_ms:
-        return False
-    on_chord = a.score() + (c.score() - a.score()) * (b_ms - a_ms) / (c_ms - a_ms)
-    return b.score() > on_chord
-
-
 def spare_for(extra_ms: float, arrival_gap_ms: float, max_arrivals: float) -> bool:
     """Whether a choice that runs `extra_ms` longer than the alternative leaves the
     requests behind it alone: at most `max_arrivals` of them expected to arrive meanwhile,

@@ -120,12 +120,6 @@ class Settings(BaseSettings):
     thrifty_within_ms: float = Field(default=0.0, ge=0)
     """When thrifty, a variant predicted to finish at most this much later than the quickest
     one still competes on accuracy (0: always the quickest)."""
-    frontier_when_tight: bool = False
-    """While deadlines are tight (`tight_margin_ms`), only the variants on the efficient
-    frontier of predicted cost and manifest accuracy compete: one beaten by a mix of a
-    cheaper and a dearer variant (the shipped model's column 3, hardly more accurate
-    than column 2 at twice its cost) takes CPU time that would give other requests
-    deeper answers."""
     accuracy_tie: float = Field(default=0.001, ge=0, le=1)
     """Manifest accuracies (fractions) within this of the best variant that fits count as
     equal, and the deeper column, then the one predicted to finish first, then fp32,

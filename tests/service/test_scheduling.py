@@ -11,7 +11,6 @@ from service.scheduling import (
     Waiting,
     backlog_ms,
     choose_variant,
-    frontier,
     next_stream_column,
     pick_queue,
     plan_batch,
@@ -273,24 +272,3 @@ def test_backlog_is_the_running_rest_and_queued_work_per_worker() -> None:
     assert backlog_ms(1.5, waiting, cost_ms, workers=1) == 1.5 + 4 * 0.5 + 2 * 3.0
     assert backlog_ms(0.0, waiting, cost_ms, workers=2) == 4.0
     assert backlog_ms(0.0, [], cost_ms, workers=1) == 0.0
-
-
-def test_the_frontier_keeps_what_no_mix_of_others_beats() -> None:
-    """Cheapest first; a column dearer and no more accurate than a cheaper one is off, and
-    so is one under (or on) the chord between its neighbours."""
-    costed = [(c, COST[c.key]) for c in CANDIDATES]
-    # 0.70, 0.80, 0.85, 0.88 at 5, 20, 60, 150 ms: slopes fall, every column is on it.
-    assert [c.key for c in frontier(costed)] == ["column_1", "column_2", "column_3", "column_4"]
-    hair = Candidate("column_3", 3, "fp32", 0.81)  # the chord 2-4 is at 0.835 for 60 ms
-    bent = [costed[0], costed[1], (hair, 60.0), costed[3]]
-    assert [c.key for c in frontier(bent)] == ["column_1", "column_2", "column_4"]
-    chord = 0.80 + (0.88 - 0.80) * (60.0 - 20.0) / (150.0 - 20.0)
-    on_chord = Candidate("column_3", 3, "fp32", chord)
-    assert "column_3" not in [c.key for c in frontier([costed[1], (on_chord, 60.0), costed[3]])]
-    # Dearer and no more accurate: off, whatever the order given.
-    slow_int8 = Candidate("column_2_int8", 2, "int8", 0.80)
-    assert [c.key for c in frontier([(slow_int8, 30.0), *costed[:2]])] == ["column_1", "column_2"]
-    # Equal cost: the more accurate one stays.
-    fast_int8 = Candidate("column_2_int8", 2, "int8", 0.82)
-    assert [c.key for c in frontier([costed[1], (fast_int8, 20.0)])] == ["column_2_int8"]
-    assert frontier([]) == []

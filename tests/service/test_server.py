@@ -661,25 +661,3 @@ def test_a_missing_two_view_variant_is_a_400(live: Any, image: bytes) -> None:
     with live.client() as c:
         r = classify(c, image, **{"X-Column": "2", "X-Views": "2"})
     assert r.status_code == 400 and "views=2" in r.json()["error"]
-
-
-def test_while_deadlines_are_tight_a_column_off_the_frontier_does_not_serve(
-    make_settings: Callable[..., Settings], service_bundle: Path, tmp_path: Path, image: bytes
-) -> None:
-    """Column 3 made a hair more accurate than column 2 (0.71 against 0.70) at three
-    times its cost: under the chord from column 2 to column 4. A 500 ms deadline fits
-    column 3 (300 ms) and not column 4 (700 ms): with `frontier_when_tight` on and
-    deadlines tight, column 2 serves; with room to spare, or the setting off, column 3."""
-    hair = {"column_3": 0.71, "column_3_int8": 0.705}
-    bundle = copy_with_accuracies(
-        service_bundle, tmp_path / "hair", lambda v: hair.get(v.key, v.accuracy)
-    )
-    served = []
-    for on, close_share in ((True, 1.0), (True, 0.0), (False, 1.0)):
-        settings = make_settings(model_path=bundle, frontier_when_tight=on)
-        with serve_in_thread(settings) as server, server.client() as c:
-            server.engine.headroom.close_share = close_share
-            r = classify(c, image, **{"X-Deadline-Ms": "500"})
-            assert r.status_code == 200, r.text
-            served.append(r.json()["column"])
-    assert served == [2, 3, 3]
