@@ -29,10 +29,10 @@ class Candidate:
         """The manifest accuracy; -1 where the manifest has none."""
         return self.accuracy if self.accuracy is not None else -1.0
 
-    def tiebreak(self) -> tuple[int, int]:
-        """Between equally accurate answers of one column predicted to finish together,
-        higher is better: fp32 over int8, then one view over two."""
-        return (int(self.precision == "fp32"), -self.views)
+    def tiebreak(self) -> tuple[int, int, int]:
+        """Between equally accurate answers, higher is better: depth, then fp32 over int8,
+        then one view over two (the cheaper of otherwise equal answers)."""
+        return (self.column, int(self.precision == "fp32"), -self.views)
 
     def cheapness(self) -> tuple[int, bool, int]:
         """Lower is cheaper: the order best effort falls back in (column 1, fp32, one
@@ -85,10 +85,9 @@ def choose_variant(
     """The candidate with the highest manifest accuracy predicted to finish in budget.
 
     Accuracies within `accuracy_tie` (a fraction: 0.001 is 0.1 percentage points) of the
-    best one that fits count as equal: of equals the deeper column serves, then the one
-    predicted to finish first, then `Candidate.tiebreak` (fp32, one view). An int8 variant
-    one test image more accurate than its fp32 column is not a better answer, and where
-    it runs quicker (a CPU with int8 dot-product instructions) it is the better choice.
+    best one that fits count as equal, and equals go by `Candidate.tiebreak` (the deeper
+    column, fp32, one view): an int8 variant one test image more accurate
+    than its fp32 column is not a better answer.
 
     Thrifty (`thrifty_within_ms` given: the server is crowded), only candidates predicted to
     finish within that many ms of the quickest one compete, so that a loaded server gives
@@ -100,7 +99,7 @@ def choose_variant(
     if thrifty_within_ms is not None:
         by = min(ms for ms, _ in fitting) + thrifty_within_ms
         fitting = [(ms, c) for ms, c in fitting if ms <= by]
-    return most_accurate(fitting, accuracy_tie)
+    return most_accurate([c for _, c in fitting], accuracy_tie)
 
 
 def quickest_within(
@@ -117,14 +116,12 @@ def quickest_within(
     return quickest if ms <= budget_ms else None
 
 
-def most_accurate(timed: Sequence[tuple[float, Candidate]], accuracy_tie: float = 0.0) -> Candidate:
-    """The most accurate of the (predicted completion ms, candidate) pairs, accuracies
-    within `accuracy_tie` of the best counting as equal: then the deeper column, the
-    sooner predicted completion, `Candidate.tiebreak`, and accuracy decide."""
-    best = max(c.score() for _, c in timed)
-    equal = [(ms, c) for ms, c in timed if c.score() >= best - accuracy_tie]
-    _, chosen = max(equal, key=lambda t: (t[1].column, -t[0], t[1].tiebreak(), t[1].score()))
-    return chosen
+def most_accurate(candidates: Sequence[Candidate], accuracy_tie: float = 0.0) -> Candidate:
+    """The most accurate of `candidates`, accuracies within `accuracy_tie` of the best
+    counting as equal (then `Candidate.tiebreak`, then accuracy)."""
+    best = max(c.score() for c in candidates)
+    equal = [c for c in candidates if c.score() >= best - accuracy_tie]
+    return max(equal, key=lambda c: (c.tiebreak(), c.score()))
 
 
 def spare_for(extra_ms: float, arrival_gap_ms: float, max_arrivals: float) -> bool:

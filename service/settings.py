@@ -122,9 +122,8 @@ class Settings(BaseSettings):
     one still competes on accuracy (0: always the quickest)."""
     accuracy_tie: float = Field(default=0.001, ge=0, le=1)
     """Manifest accuracies (fractions) within this of the best variant that fits count as
-    equal, and the deeper column, then the one predicted to finish first, then fp32,
-    then one view serves: a variant measured a few test images more accurate is not a
-    better answer (0: exact ties only)."""
+    equal, and the deeper column, then fp32, then one view serves: a variant measured
+    a few test images more accurate is not a better answer (0: exact ties only)."""
     admission_by_deadline: bool = False
     """Scale that limit by each request's deadline against the typical one: a request
     with a long deadline may find more requests in than one with a short deadline."""
