@@ -61,8 +61,8 @@ def _checked(results: Iterable[Result]) -> list[Result]:
     return [r for r in results if r.ok and r.correct is not None]
 
 
-def _accuracy(results: Iterable[Result]) -> tuple[int, float | None]:
-    checked = _checked(results)
+def _accuracy(checked: Sequence[Result]) -> tuple[int, float | None]:
+    """(answers, accuracy) of `checked` answers (`_checked`)."""
     return len(checked), _ratio(sum(bool(r.correct) for r in checked), len(checked))
 
 
@@ -138,11 +138,11 @@ def summarize(
     window_done = max([duration_s, *done_s])
     window_sent = max([duration_s, *send_s])
     served = Counter(r.column for r in completed if r.column is not None)
+    known = _checked(completed)
     by_column: dict[str, dict[str, Any]] = {}
     for column in sorted(served):
-        answers, acc = _accuracy(r for r in completed if r.column == column)
+        answers, acc = _accuracy([r for r in known if r.column == column])
         by_column[str(column)] = {"answers": served[column], "checked": answers, "accuracy": acc}
-    known = _checked(completed)
     checked, accuracy = _accuracy(known)
     lags = [max(r.send_s - r.scheduled_s, 0.0) * 1000.0 for r in results if r.send_s is not None]
     firsts = [r.first_answer_ms for r in completed if r.first_answer_ms is not None]
@@ -210,7 +210,7 @@ def deadline_bins(results: Sequence[Result], bins: int = 8) -> list[dict[str, An
         members = [r for r, w in zip(timed, which, strict=True) if w == b]
         if not members:
             continue
-        checked, accuracy = _accuracy(members)
+        checked, accuracy = _accuracy(_checked(members))
         out.append(
             {
                 "low_ms": float(edges[b]),

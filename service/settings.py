@@ -106,10 +106,10 @@ class Settings(BaseSettings):
     tight_margin_ms: float = Field(default=5.0, ge=0)
     """The server gives up accuracy for time (the arrival bound on deeper columns,
     `deeper_max_arrivals`, and, where set, the quickest variant while busy,
-    `thrifty_backlog_ms`)
-    only while deadlines are tight: while at least `tight_share` of recent requests (a
-    running mean over about 50) were refused, or answered with less than this left of
-    their deadline. With room to spare, an answer's wait for a deeper one costs nothing."""
+    `thrifty_backlog_ms`) only while deadlines are tight: while at least `tight_share` of
+    recent requests (a running mean over about 50) were refused, or answered with less
+    than this left of their deadline. With room to spare, an answer's wait for a deeper
+    one costs nothing."""
     tight_share: float = Field(default=0.01, ge=0, le=1)
     """See `tight_margin_ms` (0: always tight, the rules always apply)."""
     thrifty_backlog_ms: float = Field(default=math.inf, ge=0)
